@@ -1,0 +1,62 @@
+# sdkiln — `make help` lists the targets. `make demo` and `make test` each work on a fresh clone.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SDKILN := $(VENV)/bin/sdkiln
+RECIPE ?= recipes/tiny.yaml
+ARGS ?=
+# The venv is (re)built when the dependency pins or the package definition change.
+INSTALLED := $(VENV)/.installed
+
+.PHONY: help install test test-slow demo build plan verify bench lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(INSTALLED) ## create .venv: torch (CPU) first, then sdkiln[build,dev] under constraints.txt
+
+$(INSTALLED): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned, or pip resolves a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[build,dev]'
+	touch $@
+
+test: install ## lint, then the offline test suite (slow/gpu/macos/network tests are opt-in markers)
+	$(VENV)/bin/ruff check stages runtime tests benchmarks
+	$(VENV)/bin/ruff format --check stages runtime tests benchmarks
+	$(PY) -m pytest $(ARGS)
+
+test-slow: install ## the real-size tests (minutes, ~10 GB of memory)
+	$(PY) -m pytest -m slow $(ARGS)
+
+demo: install ## build the offline tiny recipe end to end and render examples with the runtime
+	$(SDKILN) build recipes/tiny.yaml $(ARGS)
+	$(SDKILN) demo artifacts/tiny --out artifacts/demo
+
+build: install ## build RECIPE=recipes/x.yaml [ARGS="key=value ..."]
+	$(SDKILN) build $(RECIPE) $(ARGS)
+
+plan: install ## show HIT/MISS for each step of RECIPE, with the reason
+	$(SDKILN) plan $(RECIPE) $(ARGS)
+
+verify: install ## re-hash the bundle of RECIPE against its manifest
+	$(SDKILN) verify artifacts/$(basename $(notdir $(RECIPE)))
+
+bench: install ## benchmark a bundle: make bench BUNDLE=artifacts/tiny
+	$(SDKILN) bench $(or $(BUNDLE),artifacts/tiny) $(ARGS)
+
+lint: install ## ruff, exactly as CI runs it
+	$(VENV)/bin/ruff check stages runtime tests benchmarks
+	$(VENV)/bin/ruff format --check stages runtime tests benchmarks
+
+format: install ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix stages runtime tests benchmarks
+	$(VENV)/bin/ruff format stages runtime tests benchmarks
+
+clean: ## remove the venv and built artifacts (keeps artifacts/README.md)
+	rm -rf $(VENV) artifacts/cache artifacts/*/ .pytest_cache .ruff_cache

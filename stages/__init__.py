@@ -1,0 +1,1 @@
+"""The build side of sdkiln: recipes, the engine, and one module per stage."""

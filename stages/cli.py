@@ -1,0 +1,214 @@
+"""The `sdkiln` command line: parse arguments, call the library, map errors to exit codes.
+
+Exit codes: 0 ok; 1 a build, verification or parity failure; 2 a user error (bad recipe, bad argument,
+missing file) — printed as one clear message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sdkiln.stages.core import SdkilnError, UserError
+
+logger = logging.getLogger("sdkiln")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad arguments already; keep its message but without the usage dump noise."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _artifacts(args: argparse.Namespace) -> Path:
+    return Path(args.artifacts or os.environ.get("SDKILN_ARTIFACTS") or "artifacts")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sdkiln.stages.recipe import load_recipe
+    from sdkiln.stages.registry import registry
+
+    stages = registry()
+    failed: list[SdkilnError] = []
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(Path(path), stages, args.overrides if len(args.recipes) == 1 else None)
+            print(f"ok  {path}: {recipe.name}, {len(recipe.steps)} steps")
+        except UserError as e:
+            failed.append(e)
+            print(str(e), file=sys.stderr)
+    return 2 if failed else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sdkiln.stages.engine import plan
+
+    rows = plan(Path(args.recipe), _artifacts(args), args.overrides)
+    width = max(len(r.step) for r in rows)
+    for r in rows:
+        print(f"{r.step:<{width}}  {r.stage:<17} {r.status:<4}  {r.reason}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from sdkiln.stages.engine import build
+
+    result = build(
+        Path(args.recipe), _artifacts(args), args.overrides, force=set(args.force or ()), frozen=args.frozen
+    )
+    hits = sum(s.status == "HIT" for s in result.steps)
+    logger.info("%d steps: %d cached, %d built", len(result.steps), hits, len(result.steps) - hits)
+    print(result.bundle)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from sdkiln.stages.manifest import verify_tree
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such bundle or cache entry")
+    report = verify_tree(path)
+    if report.ok:
+        print(f"ok  {path}")
+        return 0
+    print(f"FAILED  {path}", file=sys.stderr)
+    for line in report.lines():
+        print(f"  {line}", file=sys.stderr)
+    return 1
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from sdkiln.stages.cache import Cache, dir_size
+    from sdkiln.stages.engine import referenced_keys
+
+    root = _artifacts(args)
+    cache = Cache(root)
+    refs = referenced_keys(root)
+    total = 0
+    for e in cache.entries():
+        size = dir_size(e.path)
+        total += size
+        used = ",".join(refs.get(e.key, [])) or "-"
+        m = e.manifest
+        print(
+            f"{e.key[:12]}  {m.get('stage', '?'):<17} {m.get('step', '?'):<14} {m.get('kind', '?'):<16}"
+            f" {_human(size):>9}  {m.get('created', '?')}  used by: {used}"
+        )
+    print(f"total {_human(total)} in {cache.root}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from sdkiln.stages.cache import dir_size
+    from sdkiln.stages.engine import gc
+
+    doomed = gc(_artifacts(args), dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for e in doomed:
+        size = dir_size(e.path) if e.path.exists() else 0
+        print(
+            f"{verb} {e.key[:12]}  {e.manifest.get('stage', '?')} {e.manifest.get('step', '?')} {_human(size)}"
+        )
+    print(f"{verb} {len(doomed)} unreferenced entr{'y' if len(doomed) == 1 else 'ies'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sdkiln", description="Build fast, small Stable Diffusion artifacts, and run them.")
+    p.add_argument("--artifacts", help="artifact root (default: $SDKILN_ARTIFACTS or ./artifacts)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("validate", help="check recipes; exit 2 listing every problem")
+    s.add_argument("recipes", nargs="+")
+    s.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("plan", help="show HIT/MISS for each step, with the reason")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("build", help="build a recipe and assemble its bundle")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps.unet_6bit.params.nbits=4")
+    s.add_argument("--force", action="append", metavar="STEP", help="rebuild this step even if cached")
+    s.add_argument("--frozen", action="store_true", help="use the lock's pins; never re-resolve revisions")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("verify", help="re-hash a bundle or cache entry against its manifest")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("ls", help="list cached artifacts with sizes")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("gc", help="remove cache entries that no bundle's lock refers to")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(func=cmd_gc)
+
+    _add_optional(sub)
+    return p
+
+
+def _add_optional(sub: argparse._SubParsersAction) -> None:
+    """Commands whose modules live beside the engine (runtime, publish, bench, demo)."""
+    import importlib
+
+    for module, adder in (
+        ("sdkiln.runtime.cli", "add_run_parser"),
+        ("sdkiln.runtime.cli", "add_demo_parser"),
+        ("sdkiln.stages.publish", "add_publish_parser"),
+        ("sdkiln.stages.bench", "add_bench_parser"),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            if e.name and e.name.startswith("sdkiln"):
+                continue  # that part is not installed in this checkout
+            raise
+        fn = getattr(mod, adder, None)
+        if fn is not None:
+            fn(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("urllib3", "httpx", "filelock", "huggingface_hub", "coremltools", "torch", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start = _dt.datetime.now()
+    try:
+        return int(args.func(args) or 0)
+    except SdkilnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        logger.debug("took %s", _dt.datetime.now() - start)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
