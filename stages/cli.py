@@ -190,12 +190,30 @@ def _add_optional(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library chatter (converter progress bars, config warnings) drowns the one line per step in
+    # logs; keep it on a terminal (progress bars) or with -v, and quiet it elsewhere.
+    if not args.verbose:
+        for var in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+            os.environ.setdefault(var, "error")
+        if not sys.stderr.isatty():
+            os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("urllib3", "httpx", "filelock", "huggingface_hub", "coremltools", "torch", "onnxscript"):
+    for noisy in (
+        "urllib3",
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "httpcore2",
+        "filelock",
+        "huggingface_hub",
+        "coremltools",
+        "torch",
+        "onnxscript",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     start = _dt.datetime.now()
     try:

@@ -53,6 +53,13 @@ class RecipeError(UserError):
         super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
 
 
+class CorruptArtifactError(UserError):
+    """A bundle or download does not match its manifest's sha256s; found before anything is loaded.
+
+    Exit code 2: the fix is the user's (rebuild, re-download, or ``sdkiln verify`` to see what changed).
+    """
+
+
 class BuildError(SdkilnError):
     """A stage failed while running. Exit code 1."""
 

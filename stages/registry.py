@@ -12,7 +12,19 @@ import os
 from sdkiln.stages.core import Stage, UserError
 
 # One line per stage module. Stage modules import nothing heavy at module level.
-_MODULES = []
+_MODULES = [
+    "load_pipeline",
+    "fuse_lora",
+    "quantize_torch",
+    "parity",
+    "export_coreml",
+    "palettize_coreml",
+    "publish_hub",
+    "export_onnx",
+    "optimize_onnx",
+    "quantize_onnx",
+    "prepare_tensorrt",
+]
 
 
 def _builtin() -> dict[str, Stage]:

@@ -1,0 +1,396 @@
+"""Bundle (or Hub repo) -> verified files -> backend components -> ``Pipeline``.
+
+    pipe = load("artifacts/sd15-lcm-scribble", backend="onnx")          # onnx/fp32 by default
+    pipe = load("artifacts/sd15-lcm-scribble", backend="onnx", section="onnx/int8")
+    pipe = load("artifacts/sd15-lcm-scribble", backend="torch")         # the PyTorch reference
+
+A bundle is a folder with a top-level ``manifest.json``: ``files`` (relpath -> sha256, size) and
+``sections`` (bundle dir -> {kind, params, metrics, components, extra}). Before any model is loaded,
+every file of the sections in use is checked against its sha256 (memoised by path, size, mtime and
+inode, so an unchanged multi-GB bundle is hashed once); a mismatch is a UserError naming the files.
+
+``resolve_source`` turns what the user typed into a local folder: a bundle folder, or a Hub repo
+``owner/name[@rev]`` fetched (only the sections in use) and verified by ``sdkiln.runtime.hub``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sdkiln.runtime.pipeline import ModelInfo, Pipeline
+from sdkiln.stages.core import CorruptArtifactError, UserError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = {"onnx": "onnx", "torch": "pipeline", "coreml": "coreml"}  # backend -> section kind it runs
+PREFERRED = {"onnx": "onnx/fp32", "torch": "torch/fused", "coreml": "coreml/split_einsum"}
+
+
+# Files of a bundle are missing or differ from its manifest (found before loading anything): exit 2.
+CorruptBundleError = CorruptArtifactError
+
+
+def check_backend(backend: str) -> None:
+    """Fail fast, before reading any bundle, when a backend is unknown or its library is missing."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+    if backend == "onnx":
+        from sdkiln.runtime.backends.onnx import _ort
+
+        _ort()
+    elif backend == "torch":
+        from sdkiln.runtime.backends.torch_ref import _imports
+
+        _imports()
+    else:
+        from sdkiln.runtime.backends.coreml import _coremltools
+
+        _coremltools()
+
+
+def resolve_source(model: str, sections: list[str] | None = None) -> Path:
+    """The local bundle folder for ``model``: a folder path, or a Hub repo ``owner/name[@rev]`` downloaded
+    (only the files of ``sections``, sections or backend kinds as ``hub.fetch_bundle`` takes them; None:
+    everything) and verified into a local snapshot. Verification and loading are the same after it.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{model}: not a folder; a bundle is a folder with a manifest.json")
+    from sdkiln.runtime.hub import fetch_bundle, parse_hub_ref
+
+    ref = parse_hub_ref(model)
+    if ref is not None:
+        # owner/name[@rev] on the Hub ($HF_ENDPOINT honoured): resolved to a commit, downloaded once into
+        # real files, every file sha256-checked against manifest.json; a cached commit works offline.
+        return fetch_bundle(ref[0], ref[1], backend=sections)
+    raise UserError(f"{model}: no such bundle folder, and not a Hub repo (owner/name[@rev])")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest and verification
+
+
+def read_bundle_manifest(root: Path) -> dict[str, Any]:
+    """The bundle's manifest; a CorruptBundleError if it is missing or not a bundle manifest."""
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise CorruptBundleError(f"{root}: no manifest.json; is this an sdkiln bundle?")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptBundleError(f"{path}: unreadable manifest ({e})") from e
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("files"), dict)
+        or not isinstance(data.get("sections"), dict)
+    ):
+        raise CorruptBundleError(f"{path}: not an sdkiln bundle manifest (needs 'files' and 'sections')")
+    return data
+
+
+def _default_memo():
+    from sdkiln.stages.manifest import NO_MEMO, HashMemo
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    try:
+        return HashMemo(base / "sdkiln" / "runtime-hashmemo.sqlite")
+    except Exception as e:  # a read-only home or a broken memo must not stop a run; hash everything
+        logger.debug("no hash memo (%s); hashing every file", e)
+        return NO_MEMO
+
+
+def verify_files(root: Path, manifest: dict[str, Any], sections: list[str], memo: Any = None) -> int:
+    """Check every file of ``sections`` (and top-level files) against the manifest; returns the count.
+
+    Sizes first (cheap), then sha256. Raises CorruptBundleError listing every bad file.
+    """
+    memo = memo if memo is not None else _default_memo()
+    all_sections = list(manifest["sections"])
+
+    def in_use(rel: str) -> bool:
+        owner = next((s for s in all_sections if rel.startswith(s.rstrip("/") + "/")), None)
+        return owner is None or owner in sections
+
+    problems: list[str] = []
+    checked = 0
+    for rel, meta in sorted(manifest["files"].items()):
+        if not in_use(rel):
+            continue
+        path = root / rel
+        checked += 1
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != meta.get("size"):
+            problems.append(f"{rel}: size {path.stat().st_size}, manifest says {meta.get('size')}")
+        elif memo.sha256(path) != meta.get("sha256"):
+            problems.append(f"{rel}: sha256 mismatch (the file changed after the build)")
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise CorruptBundleError(
+            f"{root}: bundle is corrupted, {len(problems)} bad file(s):\n  " + "\n  ".join(shown)
+        )
+    return checked
+
+
+def pick_section(manifest: dict[str, Any], backend: str, section: str | None) -> str:
+    """The section ``backend`` runs: ``section`` if given (and of the right kind), else the preferred one."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+    kind = BACKENDS[backend]
+    sections = manifest["sections"]
+    if section is not None:
+        entry = sections.get(section)
+        if entry is None:
+            raise UserError(
+                f"the bundle has no section {section!r} (it has: {', '.join(sorted(sections)) or 'none'})"
+            )
+        if entry.get("kind") != kind:
+            raise UserError(
+                f"section {section!r} is {entry.get('kind')!r}; the {backend} backend runs {kind!r} sections"
+            )
+        return section
+    if sections.get(PREFERRED[backend], {}).get("kind") == kind:
+        return PREFERRED[backend]
+    matching = sorted(name for name, e in sections.items() if e.get("kind") == kind)
+    if not matching:
+        have = ", ".join(f"{n} ({e.get('kind')})" for n, e in sorted(sections.items())) or "none"
+        raise UserError(f"the bundle has no {kind} section for the {backend} backend (it has: {have})")
+    return matching[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model info from a section's files
+
+
+def _json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CorruptBundleError(f"{path}: missing ({what})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptBundleError(f"{path}: unreadable {what} ({e})") from e
+
+
+def _family(extra: dict[str, Any], *fallbacks: dict[str, Any]) -> str:
+    from sdkiln.stages.families import FAMILIES
+
+    for src in (extra, *fallbacks):
+        fam = src.get("family")
+        if fam:
+            if fam not in FAMILIES:
+                raise UserError(
+                    f"the bundle's model family {fam!r} is unknown to this runtime ({', '.join(FAMILIES)})"
+                )
+            return fam
+    raise CorruptBundleError("the bundle does not say its model family (manifest extra.family)")
+
+
+def model_info(
+    folder: Path,
+    entry: dict[str, Any],
+    section: str = "",
+    config_from: tuple[Path, dict[str, Any]] | None = None,
+) -> ModelInfo:
+    """Everything the loop needs besides components, read from a PIPELINE or ONNX folder (or, for Core
+    ML, from ``config_from``: the bundle's pipeline section, which has the configs Core ML packages lack)."""
+    from sdkiln.stages.families import get_family
+
+    kind = entry.get("kind")
+    extra = entry.get("extra") or {}
+    fam_name = _family(extra, (config_from[1].get("extra") or {}) if config_from else {})
+    fam = get_family(fam_name)
+    if kind == "coreml":
+        if config_from is None:
+            raise UserError(
+                "a Core ML section needs the bundle's pipeline section for its configs (none found)"
+            )
+        cfg_dir, cfg_entry = config_from
+        base = model_info(cfg_dir, cfg_entry)
+        tok_dirs = (folder,) + base.tokenizer_dirs[1:]
+        controlnets = tuple(sorted(k for k in entry.get("components", {}) if k.startswith("controlnet.")))
+        # Packages have fixed shapes: their size is the default (and the only one the UNet takes).
+        size = (
+            (int(extra["height"]), int(extra["width"]))
+            if extra.get("height") and extra.get("width")
+            else None
+        )
+        return replace(
+            base,
+            tokenizer_dirs=tok_dirs,
+            controlnets=controlnets,
+            section=section,
+            taesd=False,
+            default_size=size or base.default_size,
+        )
+    onnx = kind == "onnx"
+    unet_cfg = _json(folder / "unet" / "config.json", "UNet config")
+    vae_cfg = _json(folder / ("vae_decoder" if onnx else "vae") / "config.json", "VAE config")
+    taesd_dir = folder / ("taesd_decoder" if onnx else "vae_tiny")
+    taesd_cfg = (
+        _json(taesd_dir / "config.json", "TAESD config") if (taesd_dir / "config.json").is_file() else {}
+    )
+    sched = _json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
+    index = (
+        _json(folder / "model_index.json", "model index") if (folder / "model_index.json").is_file() else {}
+    )
+    components = entry.get("components") or {}
+    if onnx:
+        controlnets = tuple(sorted(k for k in components if k.startswith("controlnet.")))
+        if not components:
+            cn_dir = folder / "controlnet"
+            controlnets = (
+                tuple(sorted(f"controlnet.{p.name}" for p in cn_dir.iterdir())) if cn_dir.is_dir() else ()
+            )
+    else:
+        cn_dir = folder / "controlnet"
+        controlnets = (
+            tuple(sorted(f"controlnet.{p.name}" for p in cn_dir.iterdir() if p.is_dir()))
+            if cn_dir.is_dir()
+            else ()
+        )
+    tok_dirs = tuple(folder / t.folder for t in fam.tokenizers)
+    sample = unet_cfg.get("sample_size") or fam.default_size // fam.vae_scale_factor
+    sample = sample if isinstance(sample, list | tuple) else (sample, sample)
+    lcm = (
+        bool(extra.get("lcm"))
+        or sched.get("_class_name") == "LCMScheduler"
+        or bool(unet_cfg.get("time_cond_proj_dim"))
+    )
+    return ModelInfo(
+        family=fam_name,
+        lcm=lcm,
+        scheduler_config=sched,
+        tokenizer_dirs=tok_dirs,
+        pad_tokens=tuple(t.pad_token for t in fam.tokenizers),
+        vae_scaling_factor=float(vae_cfg.get("scaling_factor", fam.vae_scaling_factor)),
+        vae_shift_factor=vae_cfg.get("shift_factor"),
+        taesd_scaling_factor=float(taesd_cfg.get("scaling_factor", 1.0)),
+        default_size=(int(sample[0]) * fam.vae_scale_factor, int(sample[1]) * fam.vae_scale_factor),
+        vae_scale_factor=fam.vae_scale_factor,
+        time_cond_proj_dim=unet_cfg.get("time_cond_proj_dim"),
+        controlnets=controlnets,
+        taesd=bool(taesd_cfg),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        section=section,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backends
+
+
+def open_section(
+    folder: Path,
+    entry: dict[str, Any],
+    backend: str,
+    *,
+    section: str = "",
+    vae: str = "full",
+    provider: str = "auto",
+    dtype: str = "float32",
+    compute_units: str = "all",
+    threads: int = 0,
+    config_from: tuple[Path, dict[str, Any]] | None = None,
+    source: str = "",
+) -> Pipeline:
+    """A Pipeline over one section folder and its manifest entry (also a build cache artifact: the same
+    keys). No verification here; ``load`` verifies before calling it."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+    if entry.get("kind") != BACKENDS[backend]:
+        raise UserError(
+            f"the {backend} backend runs {BACKENDS[backend]} artifacts, not {entry.get('kind')!r}"
+        )
+    info = model_info(folder, entry, section, config_from)
+    if backend == "onnx":
+        from sdkiln.runtime.backends.onnx import OnnxBackend, discover
+
+        components = entry.get("components") or discover(folder)
+        be = OnnxBackend(folder, components, provider=provider, threads=threads)
+    elif backend == "torch":
+        from sdkiln.runtime.backends.torch_ref import TorchBackend
+
+        be = TorchBackend(
+            folder, info.family, [c.split(".", 1)[1] for c in info.controlnets], info.taesd, dtype=dtype
+        )
+    else:
+        from sdkiln.runtime.backends.coreml import CoreMLBackend
+
+        be = CoreMLBackend(folder, entry.get("components") or {}, compute_units=compute_units)
+    return Pipeline(be, info, vae=vae, source=source or str(folder))
+
+
+def load(
+    model: str | Path,
+    backend: str = "onnx",
+    *,
+    section: str | None = None,
+    vae: str = "full",
+    provider: str = "auto",
+    dtype: str = "float32",
+    compute_units: str = "all",
+    threads: int = 0,
+    verify: bool = True,
+    memo: Any = None,
+) -> Pipeline:
+    """Load a bundle for one backend.
+
+    Args:
+        model: a bundle folder (Hub repos: see ``resolve_source``).
+        backend: ``onnx`` (ONNX Runtime), ``torch`` (the PyTorch reference) or ``coreml`` (macOS).
+        section: which bundle section to run (``onnx/int8``...); default ``onnx/fp32``, ``torch/fused``,
+            ``coreml/split_einsum``, else the first of the backend's kind.
+        vae: ``full`` or ``tiny`` (TAESD, where the bundle has it).
+        provider: ONNX Runtime execution provider: ``auto``, ``cpu``, ``cuda``, ``tensorrt``.
+        dtype: the torch backend's compute dtype (the VAE stays fp32 where fp16 overflows).
+        verify: check sha256 of every file in use before loading (on by default).
+
+    Example::
+
+        pipe = load("artifacts/tiny", backend="onnx")
+        img = pipe.text("a lighthouse at dusk", steps=1, seed=7)
+    """
+    check_backend(backend)
+    # Core ML takes its configs from the bundle's pipeline section, so that one is fetched too.
+    wanted = [section or backend] + (["torch"] if backend == "coreml" else [])
+    root = resolve_source(str(model), wanted)
+    manifest = read_bundle_manifest(root)
+    name = pick_section(manifest, backend, section)
+    entry = manifest["sections"][name]
+    used = [name]
+    config_from = None
+    if backend == "coreml":
+        ref = next(
+            (
+                s
+                for s in (PREFERRED["torch"], *sorted(manifest["sections"]))
+                if manifest["sections"].get(s, {}).get("kind") == "pipeline"
+            ),
+            None,
+        )
+        if ref is not None:
+            used.append(ref)
+            config_from = (root / ref, manifest["sections"][ref])
+    if verify:
+        n = verify_files(root, manifest, used, memo)
+        logger.debug("verified %d files of %s", n, ", ".join(used))
+    return open_section(
+        root / name,
+        entry,
+        backend,
+        section=name,
+        vae=vae,
+        provider=provider,
+        dtype=dtype,
+        compute_units=compute_units,
+        threads=threads,
+        config_from=config_from,
+        source=f"{root}:{name}",
+    )

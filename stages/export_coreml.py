@@ -1,0 +1,392 @@
+"""export_coreml: a PIPELINE -> Core ML packages in the layout of Apple's Swift StableDiffusion package.
+
+Recipe step::
+
+    - id: coreml
+      stage: export_coreml
+      inputs: {model: fused}
+      params:
+        attention: split_einsum       # or original (best on the Mac GPU)
+        minimum_deployment_target: iOS17
+        compute_precision: fp16
+        height: 512                   # image pixels; the latent is height / 8
+        width: 512
+        # batch: 2                    # default: 1 without classifier-free guidance (LCM, SD-Turbo), else 2
+
+Per component (text encoder(s), UNet and/or the ControlledUnet that takes the ControlNet residuals,
+each ControlNet, VAE decoder, VAE encoder) it traces a wrapper with Apple's I/O names
+(``coreml_utils``), converts it to an ML Program with fixed shapes, saves
+``packages/<Name>.mlpackage`` plus the tokenizer's ``vocab.json`` and ``merges.txt``, and then checks the
+package the only ways Linux allows (Core ML cannot run a model here):
+
+- spec: it reloads with ``skip_model_load=True``; inputs, outputs, shapes and dtypes are the planned
+  ones; the attention ops are those of the chosen implementation;
+- weights: every weight is read back out of the package into a fresh torch module of the same
+  architecture, which is run against the fp32 PyTorch reference (diffusers' own attention); the output
+  PSNR must clear the family's Core ML floor (35 dB, Apple's gate). This measures the weight storage
+  (fp16) and, for ``split_einsum``, the rewrite; fp16 *compute* is only measured on macOS
+  (tests marked ``macos``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from sdkiln.stages.core import Kind, ParityError, Stage, StageContext, StageParams, UserError
+
+logger = logging.getLogger(__name__)
+
+ComponentName = Literal["text_encoder", "unet", "controlnet", "vae_decoder", "vae_encoder"]
+DeploymentTarget = Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"]
+# Targets that support per-grouped-channel palettization (coremltools' iOS 18 opset).
+GROUPED_PALETTE_TARGETS = ("iOS18", "macOS15")
+
+
+class ExportCoremlParams(StageParams):
+    """Parameters of ``export_coreml``."""
+
+    attention: Literal["original", "split_einsum"] = Field(
+        "split_einsum", description="original: diffusers' attention (Mac GPU); split_einsum: Neural Engine"
+    )
+    minimum_deployment_target: DeploymentTarget = "iOS17"
+    compute_precision: Literal["fp16", "fp32"] = "fp16"
+    height: int | None = Field(
+        None, ge=64, le=2048, multiple_of=8, description="image pixels; default: family's"
+    )
+    width: int | None = Field(
+        None, ge=64, le=2048, multiple_of=8, description="image pixels; default: family's"
+    )
+    batch: Literal[1, 2] | None = Field(
+        None, description="UNet/ControlNet batch; default 1 without classifier-free guidance, else 2"
+    )
+    components: tuple[ComponentName, ...] = Field(
+        ("text_encoder", "unet", "controlnet", "vae_decoder", "vae_encoder"), min_length=1
+    )
+    controlnets: tuple[str, ...] | None = Field(None, description="ControlNet types to export; default: all")
+    unet: Literal["auto", "plain", "controlled", "both"] = Field(
+        "auto",
+        description="plain: Unet; controlled: ControlledUnet taking the ControlNet residuals; "
+        "auto: controlled when the pipeline has ControlNets",
+    )
+    min_psnr_db: float | None = Field(None, ge=0, le=200, description="parity floor; default: the family's")
+    seed: int = Field(0, ge=0, description="seed of the parity inputs")
+
+
+def _targets() -> dict[str, Any]:
+    import coremltools as ct
+
+    return {name: getattr(ct.target, name) for name in DeploymentTarget.__args__}
+
+
+def component_keys(params: ExportCoremlParams, family: Any, controlnets: list[str]) -> list[str]:
+    """The component keys to export, in order (text encoders, UNets, ControlNets, VAE)."""
+    keys: list[str] = []
+    if "text_encoder" in params.components:
+        keys += list(family.text_encoders)
+    if "unet" in params.components:
+        mode = params.unet
+        if mode == "auto":
+            mode = "controlled" if controlnets and "controlnet" in params.components else "plain"
+        keys += {"plain": ["unet"], "controlled": ["controlled_unet"], "both": ["unet", "controlled_unet"]}[
+            mode
+        ]
+    if "controlnet" in params.components:
+        keys += [f"controlnet.{c}" for c in controlnets]
+    keys += [k for k in ("vae_decoder", "vae_encoder") if k in params.components]
+    return keys
+
+
+def default_batch(family: Any, lcm: bool) -> int:
+    """1 when the family's default sampling needs no classifier-free guidance (LCM, SD-Turbo), else 2."""
+    from sdkiln.stages.families import generation_defaults
+
+    return 1 if generation_defaults(family, lcm).guidance <= 1.0 else 2
+
+
+def family_component(key: str) -> str:
+    """The families-table component a key's tolerances come from."""
+    if key.startswith("controlnet."):
+        return "controlnet"
+    return "unet" if key == "controlled_unet" else key
+
+
+def psnr_floor(
+    family: Any, key: str, extra: dict[str, Any], override: float | None, palettized: bool
+) -> float:
+    """The parity floor for a component: the recipe's ``min_psnr_db`` if set; for a tiny preset the
+    documented tiny floors (``families.COREML_TINY_MIN_PSNR_DB``); else the family's Core ML floor."""
+    from sdkiln.stages.families import COREML_TINY_MIN_PSNR_DB
+
+    if override is not None:
+        return override
+    if is_tiny(extra):
+        return COREML_TINY_MIN_PSNR_DB["palettized" if palettized else "fp16"]
+    return family.components[family_component(key)].tolerance.coreml_min_psnr_db
+
+
+def is_tiny(extra: dict[str, Any]) -> bool:
+    """Whether an artifact descends from a tiny preset (random test-sized weights)."""
+    from sdkiln.stages.presets import PRESETS
+
+    preset = (extra.get("source") or {}).get("preset")
+    return preset in PRESETS and PRESETS[preset].size == "tiny"
+
+
+def write_tokenizer_files(tokenizer_dir: Path, out_dir: Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` (what Apple's ``BPETokenizer`` reads) from a tokenizer
+    folder: copied when present, else taken from its ``tokenizer.json``."""
+    vocab, merges = tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt"
+    if vocab.is_file() and merges.is_file():
+        shutil.copyfile(vocab, out_dir / "vocab.json")
+        shutil.copyfile(merges, out_dir / "merges.txt")
+        return
+    tj = tokenizer_dir / "tokenizer.json"
+    if not tj.is_file():
+        raise UserError(f"{tokenizer_dir}: no vocab.json/merges.txt and no tokenizer.json to take them from")
+    model = json.loads(tj.read_text(encoding="utf-8"))["model"]
+    if model.get("type") != "BPE":
+        raise UserError(f"{tj}: a {model.get('type')} tokenizer, Apple's pipeline needs a BPE one")
+    (out_dir / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    pairs = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(pairs) + "\n", encoding="utf-8")
+
+
+def check_spec(spec: Any, plan: Any, output_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Differences between a package's interface and the planned one (empty: they agree)."""
+    problems = []
+    got_in = {t.name: t for t in spec.inputs}
+    for t in plan.inputs:
+        g = got_in.pop(t.name, None)
+        if g is None:
+            problems.append(f"input {t.name} missing")
+        elif (g.shape, g.dtype, g.default) != (t.shape, t.dtype, t.default):
+            problems.append(
+                f"input {t.name}: {g.shape} {g.dtype} default={g.default}, planned {t.shape} {t.dtype}"
+            )
+    problems += [f"unexpected input {n}" for n in got_in]
+    got_out = {t.name: t for t in spec.outputs}
+    if list(got_out) != list(plan.output_names):
+        problems.append(f"outputs {list(got_out)}, planned {list(plan.output_names)}")
+    for name, shape in output_shapes.items():
+        g = got_out.get(name)
+        if g is not None and (g.shape, g.dtype) != (tuple(shape), "float32"):
+            problems.append(f"output {name}: {g.shape} {g.dtype}, expected {tuple(shape)} float32")
+    return problems
+
+
+def check_attention_ops(spec: Any, attention: str, heads: int) -> list[str]:
+    """The attention implementation must show in the ops: ``split_einsum`` computes each head with two
+    einsums (so ``2 * heads`` of them); ``original`` has none."""
+    einsums = spec.ops.get("einsum", 0)
+    expected = 2 * heads if attention == "split_einsum" else 0
+    if einsums != expected:
+        return [f"{einsums} einsum ops, expected {expected} for {attention} attention over {heads} heads"]
+    return []
+
+
+def count_heads(module: Any) -> int:
+    """Total attention heads in the split-einsum attentions of a module."""
+    from sdkiln.stages.coreml_attention import SplitHeadAttention
+
+    return sum(m.heads for m in module.modules() if isinstance(m, SplitHeadAttention))
+
+
+def convert_component(
+    module: Any, plan: Any, example: list[Any], out_path: Path, params: Any, metadata: dict[str, str]
+) -> None:
+    """Trace ``module`` on ``example`` and convert it to an ML Program saved at ``out_path``."""
+    import coremltools as ct
+    import numpy as np
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # diffusers' shape asserts become trace-time constants: expected with fixed Core ML shapes.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(module, tuple(example), check_trace=False)
+    inputs = [
+        ct.TensorType(
+            name=t.name,
+            shape=t.shape,
+            dtype=np.float32,
+            default_value=None if t.default is None else np.full(t.shape, t.default, dtype=np.float32),
+        )
+        for t in plan.inputs
+    ]
+    mlmodel = ct.convert(
+        traced,
+        convert_to="mlprogram",
+        inputs=inputs,
+        outputs=[ct.TensorType(name=n, dtype=np.float32) for n in plan.output_names],
+        minimum_deployment_target=_targets()[params.minimum_deployment_target],
+        compute_precision=ct.precision.FLOAT16
+        if params.compute_precision == "fp16"
+        else ct.precision.FLOAT32,
+        skip_model_load=True,  # Linux cannot load a model; packages are checked by reading them back
+    )
+    del traced
+    mlmodel.short_description = plan.description
+    mlmodel.author = "sdkiln"
+    mlmodel.user_defined_metadata.update(metadata)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    mlmodel.save(str(out_path))
+
+
+def run(ctx: StageContext) -> None:
+    import gc
+
+    from sdkiln.stages import coreml_utils as cu
+    from sdkiln.stages.families import get_family
+    from sdkiln.stages.pipeline_io import family_of, read_configs
+
+    p: ExportCoremlParams = ctx.params
+    src = ctx.input("model")
+    fam = get_family(family_of(src.manifest))
+    extra_in = src.manifest.get("extra", {})
+    controlnets = list(extra_in.get("controlnets", []))
+    if p.controlnets is not None:
+        unknown = sorted(set(p.controlnets) - set(controlnets))
+        if unknown:
+            raise UserError(f"controlnets {unknown} are not in the input pipeline (has: {controlnets})")
+        controlnets = [c for c in controlnets if c in p.controlnets]
+    configs = read_configs(src.path)
+    added_cond = fam.uses_added_cond
+    batch = p.batch or default_batch(fam, bool(extra_in.get("lcm")))
+    height = p.height or fam.default_size
+    width = p.width or fam.default_size
+    scale = fam.vae_scale_factor
+    down = 2 ** (len(configs["unet"]["block_out_channels"]) - 1)
+    if height % (scale * down) or width % (scale * down):
+        raise UserError(
+            f"height and width must be multiples of {scale * down} for this UNet, got {height}x{width}"
+        )
+    latent_hw = (height // scale, width // scale)
+    keys = component_keys(p, fam, controlnets)
+    if not keys:
+        raise UserError(f"nothing to export: components {list(p.components)} with ControlNets {controlnets}")
+    logger.info(
+        "export_coreml: %s attention, %s, %s, %dx%d, batch %d: %s",
+        p.attention, p.minimum_deployment_target, p.compute_precision, height, width, batch, ", ".join(keys),
+    )  # fmt: skip
+
+    failures: list[str] = []
+    total_bytes = 0
+    t_all = time.perf_counter()
+    for key in ctx.progress(keys, desc="convert", total=len(keys)):
+        cfg_key = cu.config_key(key)
+        config = configs[cfg_key] if cfg_key in configs else _controlnet_config(src.path, key)
+        model_class = fam.components[key].model_class if key.startswith("text_encoder") else None
+        plan = cu.plan_component(key, config, batch, latent_hw, scale, added_cond)
+        vocab = int(configs.get("text_encoder", {}).get("vocab_size", 49408))
+        example = cu.example_inputs(plan.inputs, p.seed, vocab)
+        rel = cu.package_relpath(key)
+        package = ctx.out_dir / rel
+
+        model = cu.load_model(src.path, key, model_class)
+        # The reference: diffusers' own attention, fp32. Computed before split_einsum rewrites the model.
+        reference = cu.run_module(cu.build_module(key, model, "original", added_cond), example)
+        module = cu.build_module(key, model, p.attention, added_cond)
+        heads = count_heads(module)
+        t0 = time.perf_counter()
+        convert_component(
+            module, plan, example, package, p,
+            {"sdkiln.component": key, "sdkiln.attention": p.attention, "sdkiln.family": fam.name},
+        )  # fmt: skip
+        convert_s = time.perf_counter() - t0
+        del module, model
+        gc.collect()
+
+        spec = cu.read_spec(package)
+        shapes = {n: tuple(r.shape) for n, r in zip(plan.output_names, reference, strict=True)}
+        problems = check_spec(spec, plan, shapes)
+        if key in cu.UNET_KEYS or key.startswith("controlnet."):
+            problems += check_attention_ops(spec, p.attention, heads)
+        failures += [f"{key}: {x}" for x in problems]
+
+        parity = cu.measure_packages(
+            [package], src.path, key, model_class, p.attention, added_cond, example, reference
+        )
+        floor = psnr_floor(fam, key, extra_in, p.min_psnr_db, palettized=False)
+        worst = parity.worst_db
+        if worst < floor:
+            failures.append(f"{key}: PSNR {worst:.1f} dB < {floor:.1f} dB")
+        size = cu.package_bytes(package)
+        total_bytes += size
+        ins, outs = spec.io_manifest()
+        ctx.components[key] = {
+            "path": rel,
+            "apple_name": cu.apple_name(key),
+            "precision": p.compute_precision,
+            "attention": p.attention if key in cu.UNET_KEYS or key.startswith("controlnet.") else None,
+            "inputs": ins,
+            "outputs": outs,
+            "ops": dict(sorted(spec.ops.items())),
+        }
+        ctx.metrics.update(
+            cu.flat_metrics(
+                key,
+                {
+                    "convert_s": round(convert_s, 2),
+                    "bytes": size,
+                    "psnr_db": round(worst, 2),
+                    "psnr_floor_db": floor,
+                    **parity.summary.metrics(),
+                    **parity.load,
+                },
+            )
+        )
+        logger.info("%s: %.1f s, %d bytes, PSNR %.1f dB (floor %.1f)", key, convert_s, size, worst, floor)
+        gc.collect()
+
+    tok_dir = src.path / "tokenizer"
+    write_tokenizer_files(tok_dir, ctx.out_dir)
+    ctx.metrics["bytes"] = total_bytes
+    ctx.metrics["convert_s"] = round(time.perf_counter() - t_all, 2)
+    ctx.extra.update(
+        {
+            "family": fam.name,
+            "controlnets": [k.split(".", 1)[1] for k in keys if k.startswith("controlnet.")],
+            "lcm": bool(extra_in.get("lcm")),
+            "source": extra_in.get("source", {}),
+            "attention": p.attention,
+            "minimum_deployment_target": p.minimum_deployment_target,
+            "compute_precision": p.compute_precision,
+            "precision": p.compute_precision,
+            "batch": batch,
+            "height": height,
+            "width": width,
+            "vae_scaling_factor": float(configs["vae"].get("scaling_factor", fam.vae_scaling_factor)),
+            "tokenizer": {"vocab": "vocab.json", "merges": "merges.txt"},
+        }
+    )
+    if failures:
+        raise ParityError(f"export_coreml ({p.attention})", failures)
+
+
+def _controlnet_config(folder: Path, key: str) -> dict[str, Any]:
+    from sdkiln.stages.coreml_utils import CONTROLNET_DIR
+
+    path = folder / CONTROLNET_DIR / key.split(".", 1)[1] / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: no config for {key} at {path}")
+    return json.loads(path.read_text())
+
+
+STAGE = Stage(
+    name="export_coreml",
+    version="1",
+    inputs={"model": (Kind.PIPELINE,)},
+    output_kind=Kind.COREML,
+    params=ExportCoremlParams,
+    run=run,
+    description="Core ML packages (ML Program) in Apple's StableDiffusion layout, original or ANE attention",
+    env_packages=("torch", "diffusers", "transformers", "coremltools", "numpy"),
+    bundle_dir=lambda p: f"coreml/{p.attention}",
+)

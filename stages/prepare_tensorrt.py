@@ -1,0 +1,223 @@
+"""prepare_tensorrt: the ONNX graphs a TensorRT builder should consume, plus their shape profiles.
+
+Recipe step::
+
+    - id: trt_onnx
+      stage: prepare_tensorrt
+      inputs: {onnx: onnx, model: fused}    # onnx: an export_onnx artifact (standard ops only)
+      params:
+        precision: fp16                     # weights and compute fp16, graph I/O fp32
+        vae_precision: fp32                 # SD VAEs overflow in fp16 unless fp16-fixed
+        batch: [1, 1, 4]                    # min, opt, max images per prompt
+        height: [256, 512, 768]
+        width: [256, 512, 768]
+        cfg: true                           # text encoder/UNet/ControlNet run cond + uncond together
+
+Per graph: constant folding and redundant-node removal with ONNX Runtime's *basic* optimization level
+(provider-independent rewrites that emit only standard ONNX ops; fast even on a real UNet, where the
+onnxscript optimizer takes minutes), opset imports trimmed to the domains actually used, fp16 where
+wanted, then ONNX shape inference (with data propagation) on the saved file, which also works past the
+2 GB protobuf limit. A graph that still holds non-standard ops (e.g. an ``optimize_onnx`` output) is
+refused: TensorRT's ONNX parser cannot read ORT contrib ops.
+
+The min/opt/max shape of every graph input goes into the manifest (``extra.profiles``), ready for
+``IOptimizationProfile.set_shape``. The engine build itself is a separate stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from sdkiln.stages.core import BuildError, Kind, Stage, StageContext, StageParams, UserError
+from sdkiln.stages.onnx_utils import ParityParams
+
+logger = logging.getLogger(__name__)
+
+# Graphs that see the classifier-free-guidance batch (cond + uncond in one run).
+CFG_KINDS = ("text_encoder", "text_encoder_2", "unet", "controlnet")
+
+
+class PrepareTensorrtParams(StageParams):
+    precision: Literal["fp32", "fp16"] = "fp16"
+    vae_precision: Literal["fp32", "fp16"] = "fp32"
+    components: list[str] | None = Field(default=None, description="keys or kinds to prepare; default: all")
+    batch: list[int] = Field(default=[1, 1, 4], min_length=3, max_length=3, description="min, opt, max")
+    height: list[int] = Field(default=[256, 512, 768], min_length=3, max_length=3)
+    width: list[int] = Field(default=[256, 512, 768], min_length=3, max_length=3)
+    cfg: bool = Field(default=True, description="double the batch of text encoders, UNet and ControlNets")
+    parity: ParityParams = ParityParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> PrepareTensorrtParams:
+        for name in ("batch", "height", "width"):
+            v = getattr(self, name)
+            if not v[0] <= v[1] <= v[2]:
+                raise ValueError(f"{name}: needs min <= opt <= max (got {v})")
+            if v[0] < 1:
+                raise ValueError(f"{name}: must be >= 1 (got {v})")
+        for name in ("height", "width"):
+            bad = [x for x in getattr(self, name) if x % 8]
+            if bad:
+                raise ValueError(f"{name}: sizes must be multiples of 8 (got {bad})")
+        if self.precision == "fp32" and self.vae_precision == "fp16":
+            raise ValueError("vae_precision: fp16 applies only with precision: fp16")
+        return self
+
+
+def profiles(
+    comp: Any, p: PrepareTensorrtParams, vae_scale_factor: int, static: dict[str, int] | None
+) -> dict:
+    """min/opt/max shape of each graph input of ``comp``: ``{input: {"min": [...], "opt": [...], "max": [...]}}``.
+    A static graph's profile is its one fixed shape."""
+    from sdkiln.stages import onnx_components as oc
+    from sdkiln.stages.families import resolve_shape
+
+    factor = 2 if p.cfg and comp.kind in CFG_KINDS else 1
+    out: dict[str, dict[str, list[int]]] = {}
+    for t in comp.inputs:
+        shapes = {}
+        for i, level in enumerate(("min", "opt", "max")):
+            if static:
+                axes = static
+            else:
+                batch = p.batch[i] if level == "min" else p.batch[i] * factor
+                axes = oc.bindings(batch, p.height[i], p.width[i], vae_scale_factor)
+            shapes[level] = resolve_shape(t["shape"], axes)
+        out[t["name"]] = shapes
+    return out
+
+
+def prepare_graph(src: Any, work: Any, fp16: bool) -> Any:
+    """Constant-fold with ORT's basic level (standard ops only), trim opset imports, fp16 if asked."""
+    import onnxruntime as ort
+
+    from sdkiln.stages import onnx_utils as ou
+
+    work.mkdir(parents=True, exist_ok=True)
+    folded = work / "folded.onnx"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(folded)
+    if (src.parent / ou.EXTERNAL_DATA_FILE).is_file():
+        so.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "folded.onnx_data"
+        )
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    model = ou.load_model(folded)
+    custom = ou.custom_domain_ops(model)
+    if custom:
+        raise UserError(
+            f"{src}: non-standard ops {custom} (TensorRT cannot parse them); prepare_tensorrt needs an "
+            "export_onnx output, not an optimize_onnx one"
+        )
+    used = {n.domain or "" for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if (o.domain or "") in used or o.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    if fp16:
+        model = ou.to_fp16(model)
+    return model
+
+
+def run(ctx: StageContext) -> None:
+    import onnx
+
+    from sdkiln.stages import onnx_components as oc
+    from sdkiln.stages import onnx_utils as ou
+    from sdkiln.stages.export_onnx import component_precision
+    from sdkiln.stages.pipeline_io import open_pipeline, read_configs
+
+    p: PrepareTensorrtParams = ctx.params
+    src = ctx.input("onnx")
+    ref = ctx.input("model")
+    extra = dict(src.manifest.get("extra", {}))
+    comps_in = src.components
+    fam, planned = oc.plan_components(
+        ref.path, ref.manifest, bool(extra.get("unet_controlnet_residuals", False))
+    )
+    planned = [c for c in planned if c.key in comps_in]
+    selected = oc.select(planned, p.components)
+    not_fp32 = [c.key for c in selected if comps_in[c.key].get("precision", "fp32") != "fp32"]
+    if not_fp32:
+        raise UserError(f"prepare_tensorrt needs the fp32 export; {not_fp32} are not fp32")
+    static = extra.get("static")
+    if static is None:
+        unet_cfg = read_configs(ref.path)["unet"]
+        oc.check_sizes(fam, unet_cfg, sorted({*p.height, *p.width}), "height/width")
+
+    ou.copy_non_model_files(src.path, ctx.out_dir)
+    loaded = open_pipeline(ref.path, family=fam.name)
+    report = ou.ParityReport()
+    profs: dict[str, Any] = {}
+    precisions: dict[str, str] = {}
+    nodes: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    for comp in selected:
+        entry = comps_in[comp.key]
+        in_path = src.path / entry["path"]
+        out_path = ctx.out_dir / entry["path"]
+        prec = component_precision(comp.kind, p.precision, p.vae_precision)
+        model = prepare_graph(in_path, ctx.work_dir / comp.folder, prec == "fp16")
+        nodes[comp.key] = {
+            "before": len(ou.load_model(in_path, with_data=False).graph.node),
+            "after": len(model.graph.node),
+        }
+        files = ou.save_model(model, out_path, "auto", restore=False)
+        del model
+        # On the saved file: works past the protobuf limit, external data stays where it is.
+        onnx.shape_inference.infer_shapes_path(str(out_path), str(out_path), data_prop=True)
+        spec = ou.io_spec(ou.load_model(out_path, with_data=False))
+        problems = ou.spec_mismatches(spec, {k: entry[k] for k in ("inputs", "outputs")}, comp.key)
+        if problems:
+            raise BuildError("prepared graph changed its I/O:\n  " + "\n  ".join(problems))
+        sizes[comp.key] = ou.files_bytes(files)
+        precisions[comp.key] = prec
+        profs[comp.key] = profiles(comp, p, fam.vae_scale_factor, static)
+        ctx.components[comp.key] = {**entry, "precision": prec}
+        module = oc.torch_graph(loaded, comp)
+        cases = oc.parity_cases(
+            module,
+            comp,
+            p.parity.batch_sizes,
+            p.parity.image_sizes,
+            p.parity.seed,
+            fam.vae_scale_factor,
+            static,
+        )
+        report.check(
+            comp.key, ou.cpu_session(out_path), cases, ou.gate_for(fam.components[comp.kind].tolerance, prec)
+        )
+        del module, cases
+    oc.write_layout(ref.path, ctx.out_dir, selected)
+
+    ctx.metrics.update(
+        {"parity": report.metrics(), "bytes": sizes, "total_bytes": sum(sizes.values()), "nodes": nodes}
+    )
+    extra.update(
+        {
+            "precision": p.precision,
+            "component_precision": precisions,
+            "profiles": profs,
+            "profile_params": {"batch": p.batch, "height": p.height, "width": p.width, "cfg": p.cfg},
+            "tensorrt_ready": True,
+        }
+    )
+    ctx.extra.update(extra)
+    report.raise_if_failed(f"prepare_tensorrt ({p.precision})")
+
+
+STAGE = Stage(
+    name="prepare_tensorrt",
+    version="1",
+    inputs={"onnx": (Kind.ONNX,), "model": (Kind.PIPELINE,)},
+    output_kind=Kind.TENSORRT,
+    params=PrepareTensorrtParams,
+    run=run,
+    description="TensorRT-ready ONNX (folded, shape-inferred, fp16 where wanted) with min/opt/max profiles",
+    env_packages=("torch", "diffusers", "onnx", "onnxruntime"),
+)

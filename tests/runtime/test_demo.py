@@ -1,0 +1,28 @@
+"""render_demo: contact sheet (sketch | reference | ONNX | INT8 with PSNR) and a Markdown report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdkiln.runtime.demo import render_demo
+from sdkiln.stages.core import UserError
+
+pytest.importorskip("torch", reason="the demo renders the PyTorch reference too")
+
+
+def test_render_demo(tmp_path: Path, tiny_lcm_bundle: Path) -> None:
+    names = ["car", "cat"]  # make demo renders all of them; two rows show the layout
+    report = render_demo(tiny_lcm_bundle, tmp_path / "demo", size=64, steps=2, sketches=names)
+    text = report.read_text()
+    sheet = Image.open(tmp_path / "demo" / "contact_sheet.png")
+    assert sheet.width == 4 * 192 and 2 * 192 < sheet.height < 3 * 192  # 4 columns, a row per sketch
+    assert "![contact sheet](contact_sheet.png)" in text
+    for name in names:
+        assert f"| {name} |" in text
+        assert (tmp_path / "demo" / f"{name}-onnx_int8.png").is_file()
+    assert "ONNX fp32" in text and "ONNX INT8" in text and "2 steps" in text
+    with pytest.raises(UserError, match="unknown example sketch"):
+        render_demo(tiny_lcm_bundle, tmp_path / "demo", sketches=["dog"])
