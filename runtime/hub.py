@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sdkiln.stages.core import CorruptArtifactError, SdkilnError, UserError
+from sdkiln.stages.manifest import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +80,6 @@ def default_cache_dir() -> Path:
 def offline_mode() -> bool:
     """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it only at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_blob_oid(path: Path) -> str:

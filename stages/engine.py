@@ -365,6 +365,76 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+_SECTION_FIELDS = (
+    "stage",
+    "stage_version",
+    "kind",
+    "key",
+    "digest",
+    "params",
+    "metrics",
+    "components",
+    "extra",
+    "pins",
+    "env",
+)
+
+
+@dataclass(frozen=True)
+class BundlePart:
+    """One step's committed output and the folder it takes in a bundle."""
+
+    folder: str
+    step: str
+    path: Path
+    manifest: dict[str, Any]
+
+
+def write_bundle_tree(
+    dest: Path,
+    *,
+    name: str,
+    description: str,
+    recipe_raw: dict[str, Any],
+    parts: list[BundlePart],
+    lock: dict[str, Any],
+    note: str = "Rebuild: sdkiln build recipe.yaml",
+) -> dict[str, Any]:
+    """Lay out a bundle in the empty folder ``dest``: each part's payload (hard-linked) under its folder,
+    ``recipe.yaml``, ``build.lock.json`` and, last, ``manifest.json``; returns the manifest.
+
+    Payload hashes come from the parts' own manifests, so large files are not hashed again.
+    """
+    files: dict[str, dict[str, Any]] = {}
+    sections: dict[str, Any] = {}
+    for part in parts:
+        for rel, meta in part.manifest["files"].items():
+            _place(part.path / rel, dest / part.folder / rel)
+            files[f"{part.folder}/{rel}"] = meta
+        sections[part.folder] = {k: part.manifest.get(k) for k in _SECTION_FIELDS} | {"step": part.step}
+    (dest / "recipe.yaml").write_text(
+        f"# Effective recipe of this bundle. {note}\n" + yaml.safe_dump(recipe_raw, sort_keys=False)
+    )
+    write_json_atomic(dest / LOCK_FILE, lock)
+    for extra in ("recipe.yaml", LOCK_FILE):
+        p = dest / extra
+        files[extra] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "kind": "bundle",
+        "name": name,
+        "description": description,
+        "recipe": recipe_raw,
+        "lock": lock,
+        "sections": sections,
+        "environment": environment(),
+        "files": dict(sorted(files.items())),
+        "digest": digest_of(files),
+    }
+    write_json_atomic(dest / MANIFEST, manifest)
+    return manifest
+
+
 def _assemble_bundle(
     recipe: Recipe, entries: dict[str, Entry], lock: dict[str, Any], bundle: Path, cache: Cache
 ) -> None:
@@ -374,55 +444,19 @@ def _assemble_bundle(
         tmp = root / f".tmp-bundle-{recipe.name}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir(parents=True)
         try:
-            files: dict[str, dict[str, Any]] = {}
-            sections: dict[str, Any] = {}
-            for step in recipe.steps:
-                if step.bundle_dir is None:
-                    continue
-                entry = entries[step.id]
-                for rel, meta in entry.manifest["files"].items():
-                    dest = f"{step.bundle_dir}/{rel}"
-                    _place(entry.path / rel, tmp / dest)
-                    files[dest] = meta
-                m = entry.manifest
-                sections[step.bundle_dir] = {
-                    k: m.get(k)
-                    for k in (
-                        "step",
-                        "stage",
-                        "stage_version",
-                        "kind",
-                        "key",
-                        "digest",
-                        "params",
-                        "metrics",
-                        "components",
-                        "extra",
-                        "pins",
-                        "env",
-                    )
-                } | {"step": step.id}
-            (tmp / "recipe.yaml").write_text(
-                "# Effective recipe of this bundle. Rebuild: sdkiln build recipe.yaml\n"
-                + yaml.safe_dump(recipe.raw, sort_keys=False)
+            parts = [
+                BundlePart(step.bundle_dir, step.id, entries[step.id].path, entries[step.id].manifest)
+                for step in recipe.steps
+                if step.bundle_dir is not None
+            ]
+            write_bundle_tree(
+                tmp,
+                name=recipe.name,
+                description=recipe.description,
+                recipe_raw=recipe.raw,
+                parts=parts,
+                lock=lock,
             )
-            write_json_atomic(tmp / LOCK_FILE, lock)
-            for extra in ("recipe.yaml", LOCK_FILE):
-                p = tmp / extra
-                files[extra] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-            manifest = {
-                "schema": SCHEMA_VERSION,
-                "kind": "bundle",
-                "name": recipe.name,
-                "description": recipe.description,
-                "recipe": recipe.raw,
-                "lock": lock,
-                "sections": sections,
-                "environment": environment(),
-                "files": dict(sorted(files.items())),
-                "digest": digest_of(files),
-            }
-            write_json_atomic(tmp / MANIFEST, manifest)
             if bundle.exists():
                 trash = root / f".trash-bundle-{recipe.name}-{secrets.token_hex(4)}"
                 os.replace(bundle, trash)

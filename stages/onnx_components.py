@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdkiln.stages.core import BuildError, UserError
+from sdkiln.stages.core import BuildError, InputArtifact, UserError
 from sdkiln.stages.families import Family, component_specs, get_family, resolve_shape
 from sdkiln.stages.onnx_utils import MODEL_FILE, ParityCase
 from sdkiln.stages.pipeline_io import CONTROLNET_DIR, VAE_TINY_DIR, controlnet_types, read_configs
@@ -86,6 +86,14 @@ class Component:
             ]
 
         return {"inputs": conv(self.inputs), "outputs": conv(self.outputs)}
+
+
+def plan_exported(onnx: InputArtifact, model: InputArtifact) -> tuple[Family, list[Component]]:
+    """The components an ONNX artifact holds, planned against the PIPELINE it was exported from
+    (for the stages that transform an export: optimize, quantize, prepare for TensorRT)."""
+    residuals = bool(onnx.manifest.get("extra", {}).get("unet_controlnet_residuals", False))
+    fam, planned = plan_components(model.path, model.manifest, residuals)
+    return fam, [c for c in planned if c.key in onnx.components]
 
 
 def plan_components(

@@ -137,10 +137,7 @@ def run(ctx: StageContext) -> None:
     ref = ctx.input("model")
     extra = dict(src.manifest.get("extra", {}))
     comps_in = src.components
-    fam, planned = oc.plan_components(
-        ref.path, ref.manifest, bool(extra.get("unet_controlnet_residuals", False))
-    )
-    planned = [c for c in planned if c.key in comps_in]
+    fam, planned = oc.plan_exported(src, ref)
     selected = oc.select(planned, p.components)
     not_fp32 = [c.key for c in selected if comps_in[c.key].get("precision", "fp32") != "fp32"]
     if not_fp32:

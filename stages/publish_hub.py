@@ -17,16 +17,13 @@ cached like any other: rebuilding with the same inputs and params does not publi
 
 from __future__ import annotations
 
-import os
-import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from sdkiln.stages.core import Kind, Stage, StageContext, StageParams, UserError
-from sdkiln.stages.manifest import MANIFEST, SCHEMA_VERSION, digest_of, file_table, write_json_atomic
+from sdkiln.stages.manifest import SCHEMA_VERSION, write_json_atomic
 from sdkiln.stages.publish import REPO_ID_PATTERN, TAG_PATTERN, publish_bundle
 
 # Named roles, all optional: a recipe wires the steps it wants to publish. The folder each lands in comes
@@ -90,35 +87,6 @@ def section_dir(ctx: StageContext, step_id: str) -> str:
     return folder.strip("/")
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (or copy across filesystems) every payload file of ``src`` below ``dst``."""
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if not path.is_file() or rel.as_posix() == MANIFEST:
-            continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
-
-
-_SECTION_FIELDS = (
-    "stage",
-    "stage_version",
-    "kind",
-    "key",
-    "digest",
-    "params",
-    "metrics",
-    "components",
-    "extra",
-    "pins",
-    "env",
-)
-
-
 def assemble_bundle(ctx: StageContext, dest: Path) -> dict[str, Any]:
     """Lay the inputs out in ``dest`` as the engine lays out a bundle (section folders, ``recipe.yaml``,
     ``build.lock.json``, ``manifest.json`` with files/sections/lock) and return the manifest.
@@ -126,31 +94,30 @@ def assemble_bundle(ctx: StageContext, dest: Path) -> dict[str, Any]:
     The engine writes the recipe's bundle only after every step, this one included, so the stage builds
     its own from its inputs; the lock holds the key data of the published steps.
     """
-    import yaml
+    from sdkiln.stages.engine import BundlePart, write_bundle_tree
 
     if not ctx.inputs:
         raise UserError(f"{ctx.step_id}: publish_hub needs at least one input (one of: {', '.join(INPUTS)})")
-    sections: dict[str, Any] = {}
+    parts: list[BundlePart] = []
     lock_steps: dict[str, Any] = {}
     for _role, inp in sorted(ctx.inputs.items()):
         folder = section_dir(ctx, inp.step_id)
         clash = next(
-            (f for f in sections if f == folder or folder.startswith(f + "/") or f.startswith(folder + "/")),
+            (
+                p
+                for p in parts
+                if p.folder == folder
+                or folder.startswith(p.folder + "/")
+                or p.folder.startswith(folder + "/")
+            ),
             None,
         )
         if clash is not None:
-            raise UserError(
-                f"{ctx.step_id}: steps {sections[clash]['step']!r} and {inp.step_id!r} both go to {folder!r}"
-            )
-        _link_tree(inp.path, dest / folder)
+            raise UserError(f"{ctx.step_id}: steps {clash.step!r} and {inp.step_id!r} both go to {folder!r}")
         m = inp.manifest
-        sections[folder] = {k: m.get(k) for k in _SECTION_FIELDS} | {
-            "step": inp.step_id,
-            "stage": m.get("stage") or _step_spec(ctx, inp.step_id).get("stage"),
-            "kind": inp.kind,
-        }
+        parts.append(BundlePart(folder, inp.step_id, inp.path, m))
         lock_steps[inp.step_id] = {
-            "stage": sections[folder]["stage"],
+            "stage": m.get("stage") or _step_spec(ctx, inp.step_id).get("stage"),
             "version": m.get("stage_version"),
             "params": m.get("params", {}),
             "inputs": {
@@ -161,31 +128,16 @@ def assemble_bundle(ctx: StageContext, dest: Path) -> dict[str, Any]:
             "key": m.get("key"),
             "digest": m.get("digest"),
         }
-    (dest / "recipe.yaml").write_text(
-        "# Effective recipe of this bundle (published by its publish_hub step).\n"
-        + yaml.safe_dump(ctx.recipe, sort_keys=False)
-    )
     lock = {"schema": SCHEMA_VERSION, "recipe": ctx.recipe.get("name", ""), "steps": lock_steps}
-    write_json_atomic(dest / "build.lock.json", lock)
-    files = file_table(dest)
-    manifest = {
-        "schema": SCHEMA_VERSION,
-        "kind": "bundle",
-        "name": ctx.recipe.get("name", ctx.step_id),
-        "description": ctx.recipe.get("description", ""),
-        "recipe": ctx.recipe,
-        "lock": lock,
-        "sections": sections,
-        "environment": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-        },
-        "files": files,
-        "digest": digest_of(files),
-    }
-    write_json_atomic(dest / MANIFEST, manifest)
-    return manifest
+    return write_bundle_tree(
+        dest,
+        name=ctx.recipe.get("name", ctx.step_id),
+        description=ctx.recipe.get("description", ""),
+        recipe_raw=ctx.recipe,
+        parts=parts,
+        lock=lock,
+        note="Published by its publish_hub step.",
+    )
 
 
 def run(ctx: StageContext) -> None:

@@ -405,10 +405,7 @@ def run(ctx: StageContext) -> None:
     ref = ctx.input("model")
     extra = dict(src.manifest.get("extra", {}))
     comps_in = src.components
-    fam, planned = oc.plan_components(
-        ref.path, ref.manifest, bool(extra.get("unet_controlnet_residuals", False))
-    )
-    planned = [c for c in planned if c.key in comps_in]
+    fam, planned = oc.plan_exported(src, ref)
     if p.components is None:
         selected = [c for c in planned if c.key in DEFAULT_COMPONENTS or c.kind in DEFAULT_COMPONENTS]
     else:
