@@ -164,6 +164,7 @@ def eligible_weights(
         op: (pname, records[op].dense)
         for pname, op in report.matched.items()
         if records[op].dense.size > params.weight_threshold
+        and records[op].dense.ndim > 1  # coremltools never compresses rank <= 1 consts (biases)
         and pname not in embeddings
         and not (grouped and records[op].dense.shape[0] % params.group_size)
     }

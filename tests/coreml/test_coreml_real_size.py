@@ -107,5 +107,5 @@ def test_sd15_unet_converts_and_palettizes_to_6_bits(tmp_path: Path, record_prop
 
     assert exported.ctx.components["unet"]["inputs"][0]["shape"] == [2, 4, 64, 64]
     assert m["unet.size_ratio"] <= MAX_SIZE_RATIO
-    assert m["unet.lut_ops"] == m["unet.eligible_weights"] > 300  # 308 weights above 2048 elements
+    assert m["unet.lut_ops"] == m["unet.eligible_weights"] > 280  # 282 rank >= 2 weights above 2048 elements
     assert 6.0 < m["unet.bits_per_weight"] < 6.5
