@@ -11,6 +11,7 @@ toolchain: scheduler maths, tokenization and image processing are numpy, ``token
 """
 
 from sdkiln.runtime.load import load, resolve_source
-from sdkiln.runtime.pipeline import Pipeline, Request, Result
+from sdkiln.runtime.pipeline import Pipeline
+from sdkiln.runtime.types import Request, Result
 
 __all__ = ["Pipeline", "Request", "Result", "load", "resolve_source"]

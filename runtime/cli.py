@@ -1,6 +1,6 @@
 """``sdkiln run sketch|text|edit`` and ``sdkiln demo``: parse, call the runtime library, report.
 
-The main CLI (``sdkiln.stages.cli``) adds these subcommands with ``add_run_parser`` /
+The main CLI adds these subcommands with ``add_run_parser`` /
 ``add_demo_parser`` and maps errors to exit codes (UserError -> 2 with one message). Cheap checks
 (steps, strength, style, backend, the input image) run before the bundle is loaded, so bad input fails
 fast; then the run prints where the PNG went and the time per stage::
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.contract.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def _out_path(args: argparse.Namespace) -> Path:
 def run_command(args: argparse.Namespace) -> int:
     """``sdkiln run``: check arguments, load, generate, save; prints the PNG path and stage times."""
     from sdkiln.runtime.load import load
+    from sdkiln.runtime.progress import progress
     from sdkiln.runtime.tasks import edit_request, sketch_request, text_request
-    from sdkiln.stages.core import progress
 
     _check_args(args)
     out = _out_path(args)

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.floors import e2e_floor
+from sdkiln.runtime.contract.layout import PREFERRED_SECTIONS
+from sdkiln.runtime.contract.metrics import compare_images
 from sdkiln.runtime.examples import SKETCHES
 from sdkiln.runtime.load import load, read_bundle_manifest, resolve_source
-from sdkiln.runtime.metrics import psnr, ssim
-from sdkiln.runtime.parity import floor_for
 from sdkiln.runtime.pipeline import Pipeline
 from sdkiln.runtime.tasks import sketch_request
-from sdkiln.stages.core import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +44,29 @@ class Column:
     pixels: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    components: dict[str, str] = field(default_factory=dict)  # component -> precision
+
+    @property
+    def slug(self) -> str:
+        """The title as a file name part: ``onnx/int8 (mixed)`` -> ``onnx-int8``."""
+        return self.title.split(" (")[0].lower().replace("/", "-").replace(" ", "_")
 
 
 def _columns(bundle: Path) -> list[Column]:
+    """The PyTorch reference, then every ONNX section (fp32 first), titled by what their files hold."""
     manifest = read_bundle_manifest(resolve_source(str(bundle)))
-    sections = manifest["sections"]
-    cols = [Column("PyTorch reference", load(bundle, backend="torch"), "fp32")]
-    onnx = sorted(n for n, s in sections.items() if s.get("kind") == "onnx")
+    sections = manifest.sections
+    ref = PREFERRED_SECTIONS["torch"] if PREFERRED_SECTIONS["torch"] in sections else None
+    cols = [Column("PyTorch reference", load(bundle, backend="torch", section=ref), "fp32")]
+    onnx = sorted(n for n, s in sections.items() if s.kind == "onnx")
     if not onnx:
         raise UserError(f"{bundle}: no ONNX section to demo (sections: {', '.join(sorted(sections))})")
-    fp32 = "onnx/fp32" if "onnx/fp32" in onnx else onnx[0]
-    prec = (sections[fp32].get("extra") or {}).get("precision", "fp32")
-    cols.append(Column(f"ONNX {prec}", load(bundle, backend="onnx", section=fp32), prec))
-    int8 = [
-        n for n in onnx if (sections[n].get("extra") or {}).get("precision") == "int8" or n.endswith("int8")
-    ]
-    if int8:
-        cols.append(Column("ONNX INT8", load(bundle, backend="onnx", section=int8[0]), "int8"))
+    first = PREFERRED_SECTIONS["onnx"]
+    for name in sorted(onnx, key=lambda n: (n != first, n)):
+        sec = sections[name]
+        col = Column(f"{name} ({sec.precision})", load(bundle, backend="onnx", section=name), sec.precision)
+        col.components = sec.component_precisions()
+        cols.append(col)
     return cols
 
 
@@ -123,12 +130,8 @@ def render_demo(
             col.seconds[name] = time.perf_counter() - t0
             col.images[name] = result.images[0]
             col.pixels[name] = result.pixels[0]
-            ref = cols[0].pixels[name]
-            col.metrics[name] = {
-                "psnr_db": round(psnr(ref, result.pixels[0]), 2),
-                "ssim": round(ssim(ref, result.pixels[0]), 4),
-            }
-            result.images[0].save(out / f"{name}-{col.title.lower().replace(' ', '_')}.png")
+            col.metrics[name] = compare_images(cols[0].pixels[name], result.pixels[0])
+            result.images[0].save(out / f"{name}-{col.slug}.png")
             logger.info("%s on %s: %.2f s", name, col.title, col.seconds[name])
     sheet_path = out / "contact_sheet.png"
     _sheet(names, cols, drawings).save(sheet_path)
@@ -157,9 +160,21 @@ def _report(
     for n in names:
         cells = [f"{c.metrics[n]['psnr_db']:.1f} dB / {c.metrics[n]['ssim']:.4f}" for c in cols[1:]]
         lines.append(f"| {n} | {PROMPTS[n]} | " + " | ".join(cells) + " |")
-    lines += ["", "| backend | precision | PSNR floor | mean time per image |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| column | backend | precision | PSNR floor | mean time per image |",
+        "|---|---|---|---|---|",
+    ]
     for c in cols:
         mean = sum(c.seconds.values()) / len(c.seconds)
-        floor = "reference" if c is cols[0] else f"{floor_for(c.precision):.0f} dB"
-        lines.append(f"| {c.pipe.backend.description} | {c.precision} | {floor} | {mean:.2f} s |")
+        floor = "reference" if c is cols[0] else f"{e2e_floor(c.precision):.0f} dB"
+        lines.append(f"| {c.title} | {c.pipe.backend.description} | {c.precision} | {floor} | {mean:.2f} s |")
+    lines += ["", "Precision of each component, read from the files of its section:", ""]
+    comps = sorted({k for c in cols[1:] for k in c.components})
+    lines += [
+        "| component | " + " | ".join(c.title for c in cols[1:]) + " |",
+        "|---|" + "---|" * (len(cols) - 1),
+    ]
+    for k in comps:
+        lines.append(f"| {k} | " + " | ".join(c.components.get(k, "—") for c in cols[1:]) + " |")
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.contract.errors import UserError
 
 ImageLike = str | Path | Image.Image | np.ndarray
 

@@ -10,26 +10,35 @@ every file of the sections in use is checked against its sha256 (memoised by pat
 inode, so an unchanged multi-GB bundle is hashed once); a mismatch is a UserError naming the files.
 
 ``resolve_source`` turns what the user typed into a local folder: a bundle folder, or a Hub repo
-``owner/name[@rev]`` fetched (only the sections in use) and verified by ``sdkiln.runtime.hub``.
+``owner/name[@rev]`` fetched (only the sections in use) and verified by ``sdkiln.runtime.fetch``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sdkiln.runtime.pipeline import ModelInfo, Pipeline
-from sdkiln.stages.core import CorruptArtifactError, UserError
+from sdkiln.runtime.contract.digest import user_memo
+from sdkiln.runtime.contract.errors import CorruptArtifactError, UserError
+from sdkiln.runtime.contract.families import FAMILIES, get_family
+from sdkiln.runtime.contract.layout import BACKEND_KINDS, PREFERRED_SECTIONS, VAE_TINY_DIR
+from sdkiln.runtime.contract.manifest import (
+    BundleManifest,
+    ModelFacts,
+    Section,
+    read_bundle_manifest,
+    verify_bundle_sections,
+)
+from sdkiln.runtime.pipeline import Pipeline
+from sdkiln.runtime.types import ModelInfo
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = {"onnx": "onnx", "torch": "pipeline", "coreml": "coreml"}  # backend -> section kind it runs
-PREFERRED = {"onnx": "onnx/fp32", "torch": "torch/fused", "coreml": "coreml/split_einsum"}
-
+BACKENDS = BACKEND_KINDS  # backend -> the section kind it runs
+PREFERRED = PREFERRED_SECTIONS
 
 # Files of a bundle are missing or differ from its manifest (found before loading anything): exit 2.
 CorruptBundleError = CorruptArtifactError
@@ -44,9 +53,9 @@ def check_backend(backend: str) -> None:
 
         _ort()
     elif backend == "torch":
-        from sdkiln.runtime.backends.torch_ref import _imports
+        from sdkiln.runtime.backends.torch_io import imports
 
-        _imports()
+        imports()
     else:
         from sdkiln.runtime.backends.coreml import _coremltools
 
@@ -63,7 +72,7 @@ def resolve_source(model: str, sections: list[str] | None = None) -> Path:
         return path
     if path.exists():
         raise UserError(f"{model}: not a folder; a bundle is a folder with a manifest.json")
-    from sdkiln.runtime.hub import fetch_bundle, parse_hub_ref
+    from sdkiln.runtime.fetch import fetch_bundle, parse_hub_ref
 
     ref = parse_hub_ref(model)
     if ref is not None:
@@ -77,96 +86,46 @@ def resolve_source(model: str, sections: list[str] | None = None) -> Path:
 # Manifest and verification
 
 
-def read_bundle_manifest(root: Path) -> dict[str, Any]:
-    """The bundle's manifest; a CorruptBundleError if it is missing or not a bundle manifest."""
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise CorruptBundleError(f"{root}: no manifest.json; is this an sdkiln bundle?")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CorruptBundleError(f"{path}: unreadable manifest ({e})") from e
-    if (
-        not isinstance(data, dict)
-        or not isinstance(data.get("files"), dict)
-        or not isinstance(data.get("sections"), dict)
-    ):
-        raise CorruptBundleError(f"{path}: not an sdkiln bundle manifest (needs 'files' and 'sections')")
-    return data
-
-
-def _default_memo():
-    from sdkiln.stages.manifest import NO_MEMO, HashMemo
-
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    try:
-        return HashMemo(base / "sdkiln" / "runtime-hashmemo.sqlite")
-    except Exception as e:  # a read-only home or a broken memo must not stop a run; hash everything
-        logger.debug("no hash memo (%s); hashing every file", e)
-        return NO_MEMO
-
-
-def verify_files(root: Path, manifest: dict[str, Any], sections: list[str], memo: Any = None) -> int:
+def verify_files(root: Path, manifest: BundleManifest, sections: list[str], memo: Any = None) -> int:
     """Check every file of ``sections`` (and top-level files) against the manifest; returns the count.
 
-    Sizes first (cheap), then sha256. Raises CorruptBundleError listing every bad file.
+    Sizes first (cheap), then sha256 (memoised per user). Raises CorruptBundleError listing every bad file.
     """
-    memo = memo if memo is not None else _default_memo()
-    all_sections = list(manifest["sections"])
-
-    def in_use(rel: str) -> bool:
-        owner = next((s for s in all_sections if rel.startswith(s.rstrip("/") + "/")), None)
-        return owner is None or owner in sections
-
-    problems: list[str] = []
-    checked = 0
-    for rel, meta in sorted(manifest["files"].items()):
-        if not in_use(rel):
-            continue
-        path = root / rel
-        checked += 1
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif path.stat().st_size != meta.get("size"):
-            problems.append(f"{rel}: size {path.stat().st_size}, manifest says {meta.get('size')}")
-        elif memo.sha256(path) != meta.get("sha256"):
-            problems.append(f"{rel}: sha256 mismatch (the file changed after the build)")
-    if problems:
-        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise CorruptBundleError(
-            f"{root}: bundle is corrupted, {len(problems)} bad file(s):\n  " + "\n  ".join(shown)
-        )
-    return checked
+    return verify_bundle_sections(root, manifest, sections, memo if memo is not None else user_memo())
 
 
-def pick_section(manifest: dict[str, Any], backend: str, section: str | None) -> str:
+def pick_section(manifest: BundleManifest, backend: str, section: str | None) -> str:
     """The section ``backend`` runs: ``section`` if given (and of the right kind), else the preferred one."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
     kind = BACKENDS[backend]
-    sections = manifest["sections"]
+    sections = manifest.sections
     if section is not None:
         entry = sections.get(section)
         if entry is None:
             raise UserError(
                 f"the bundle has no section {section!r} (it has: {', '.join(sorted(sections)) or 'none'})"
             )
-        if entry.get("kind") != kind:
+        if entry.kind != kind:
             raise UserError(
-                f"section {section!r} is {entry.get('kind')!r}; the {backend} backend runs {kind!r} sections"
+                f"section {section!r} is {entry.kind!r}; the {backend} backend runs {kind!r} sections"
             )
         return section
-    if sections.get(PREFERRED[backend], {}).get("kind") == kind:
+    preferred = sections.get(PREFERRED[backend])
+    if preferred is not None and preferred.kind == kind:
         return PREFERRED[backend]
-    matching = sorted(name for name, e in sections.items() if e.get("kind") == kind)
+    matching = sorted(name for name, e in sections.items() if e.kind == kind)
     if not matching:
-        have = ", ".join(f"{n} ({e.get('kind')})" for n, e in sorted(sections.items())) or "none"
+        have = ", ".join(f"{n} ({e.kind})" for n, e in sorted(sections.items())) or "none"
         raise UserError(f"the bundle has no {kind} section for the {backend} backend (it has: {have})")
     return matching[0]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Model info from a section's files
+
+# A bundle section or a build cache artifact: both carry ``kind``, ``components`` and ``model``.
+Entry = Any
 
 
 def _json(path: Path, what: str) -> dict[str, Any]:
@@ -178,35 +137,38 @@ def _json(path: Path, what: str) -> dict[str, Any]:
         raise CorruptBundleError(f"{path}: unreadable {what} ({e})") from e
 
 
-def _family(extra: dict[str, Any], *fallbacks: dict[str, Any]) -> str:
-    from sdkiln.stages.families import FAMILIES
-
-    for src in (extra, *fallbacks):
-        fam = src.get("family")
-        if fam:
-            if fam not in FAMILIES:
+def _facts(*entries: Entry) -> ModelFacts:
+    """The model facts of the first entry that has them; the family must be one this runtime knows."""
+    for entry in entries:
+        facts = entry.model if entry is not None else None
+        if facts is not None:
+            if facts.family not in FAMILIES:
                 raise UserError(
-                    f"the bundle's model family {fam!r} is unknown to this runtime ({', '.join(FAMILIES)})"
+                    f"the bundle's model family {facts.family!r} is unknown to this runtime ({', '.join(FAMILIES)})"
                 )
-            return fam
-    raise CorruptBundleError("the bundle does not say its model family (manifest extra.family)")
+            return facts
+    raise CorruptBundleError("the bundle does not say its model family (manifest model.family)")
+
+
+def _controlnet_dirs(folder: Path) -> tuple[str, ...]:
+    cn_dir = folder / "controlnet"
+    if not cn_dir.is_dir():
+        return ()
+    return tuple(sorted(f"controlnet.{p.name}" for p in cn_dir.iterdir() if p.is_dir()))
 
 
 def model_info(
     folder: Path,
-    entry: dict[str, Any],
+    entry: Entry,
     section: str = "",
-    config_from: tuple[Path, dict[str, Any]] | None = None,
+    config_from: tuple[Path, Entry] | None = None,
 ) -> ModelInfo:
     """Everything the loop needs besides components, read from a PIPELINE or ONNX folder (or, for Core
     ML, from ``config_from``: the bundle's pipeline section, which has the configs Core ML packages lack)."""
-    from sdkiln.stages.families import get_family
-
-    kind = entry.get("kind")
-    extra = entry.get("extra") or {}
-    fam_name = _family(extra, (config_from[1].get("extra") or {}) if config_from else {})
-    fam = get_family(fam_name)
-    if kind == "coreml":
+    facts = _facts(entry, config_from[1] if config_from else None)
+    fam = get_family(facts.family)
+    components = entry.components or {}
+    if entry.kind == "coreml":
         if config_from is None:
             raise UserError(
                 "a Core ML section needs the bundle's pipeline section for its configs (none found)"
@@ -214,13 +176,10 @@ def model_info(
         cfg_dir, cfg_entry = config_from
         base = model_info(cfg_dir, cfg_entry)
         tok_dirs = (folder,) + base.tokenizer_dirs[1:]
-        controlnets = tuple(sorted(k for k in entry.get("components", {}) if k.startswith("controlnet.")))
+        controlnets = tuple(sorted(k for k in components if k.startswith("controlnet.")))
         # Packages have fixed shapes: their size is the default (and the only one the UNet takes).
-        size = (
-            (int(extra["height"]), int(extra["width"]))
-            if extra.get("height") and extra.get("width")
-            else None
-        )
+        own = entry.model.image_size if entry.model is not None else None
+        size = (int(own[0]), int(own[1])) if own else None
         return replace(
             base,
             tokenizer_dirs=tok_dirs,
@@ -229,10 +188,10 @@ def model_info(
             taesd=False,
             default_size=size or base.default_size,
         )
-    onnx = kind == "onnx"
+    onnx = entry.kind == "onnx"
     unet_cfg = _json(folder / "unet" / "config.json", "UNet config")
     vae_cfg = _json(folder / ("vae_decoder" if onnx else "vae") / "config.json", "VAE config")
-    taesd_dir = folder / ("taesd_decoder" if onnx else "vae_tiny")
+    taesd_dir = folder / ("taesd_decoder" if onnx else VAE_TINY_DIR)
     taesd_cfg = (
         _json(taesd_dir / "config.json", "TAESD config") if (taesd_dir / "config.json").is_file() else {}
     )
@@ -240,31 +199,16 @@ def model_info(
     index = (
         _json(folder / "model_index.json", "model index") if (folder / "model_index.json").is_file() else {}
     )
-    components = entry.get("components") or {}
-    if onnx:
+    if onnx and components:
         controlnets = tuple(sorted(k for k in components if k.startswith("controlnet.")))
-        if not components:
-            cn_dir = folder / "controlnet"
-            controlnets = (
-                tuple(sorted(f"controlnet.{p.name}" for p in cn_dir.iterdir())) if cn_dir.is_dir() else ()
-            )
     else:
-        cn_dir = folder / "controlnet"
-        controlnets = (
-            tuple(sorted(f"controlnet.{p.name}" for p in cn_dir.iterdir() if p.is_dir()))
-            if cn_dir.is_dir()
-            else ()
-        )
+        controlnets = _controlnet_dirs(folder)
     tok_dirs = tuple(folder / t.folder for t in fam.tokenizers)
     sample = unet_cfg.get("sample_size") or fam.default_size // fam.vae_scale_factor
     sample = sample if isinstance(sample, list | tuple) else (sample, sample)
-    lcm = (
-        bool(extra.get("lcm"))
-        or sched.get("_class_name") == "LCMScheduler"
-        or bool(unet_cfg.get("time_cond_proj_dim"))
-    )
+    lcm = facts.lcm or sched.get("_class_name") == "LCMScheduler" or bool(unet_cfg.get("time_cond_proj_dim"))
     return ModelInfo(
-        family=fam_name,
+        family=facts.family,
         lcm=lcm,
         scheduler_config=sched,
         tokenizer_dirs=tok_dirs,
@@ -288,7 +232,7 @@ def model_info(
 
 def open_section(
     folder: Path,
-    entry: dict[str, Any],
+    entry: Entry,
     backend: str,
     *,
     section: str = "",
@@ -297,23 +241,21 @@ def open_section(
     dtype: str = "float32",
     compute_units: str = "all",
     threads: int = 0,
-    config_from: tuple[Path, dict[str, Any]] | None = None,
+    config_from: tuple[Path, Entry] | None = None,
     source: str = "",
 ) -> Pipeline:
-    """A Pipeline over one section folder and its manifest entry (also a build cache artifact: the same
-    keys). No verification here; ``load`` verifies before calling it."""
+    """A Pipeline over one section folder and its manifest entry (a bundle ``Section`` or a build cache
+    ``ArtifactManifest``: the same blocks). No verification here; ``load`` verifies before calling it."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
-    if entry.get("kind") != BACKENDS[backend]:
-        raise UserError(
-            f"the {backend} backend runs {BACKENDS[backend]} artifacts, not {entry.get('kind')!r}"
-        )
+    if entry.kind != BACKENDS[backend]:
+        raise UserError(f"the {backend} backend runs {BACKENDS[backend]} artifacts, not {entry.kind!r}")
     info = model_info(folder, entry, section, config_from)
+    components = {k: v.model_dump(mode="json") for k, v in (entry.components or {}).items()}
     if backend == "onnx":
         from sdkiln.runtime.backends.onnx import OnnxBackend, discover
 
-        components = entry.get("components") or discover(folder)
-        be = OnnxBackend(folder, components, provider=provider, threads=threads)
+        be = OnnxBackend(folder, components or discover(folder), provider=provider, threads=threads)
     elif backend == "torch":
         from sdkiln.runtime.backends.torch_ref import TorchBackend
 
@@ -323,7 +265,7 @@ def open_section(
     else:
         from sdkiln.runtime.backends.coreml import CoreMLBackend
 
-        be = CoreMLBackend(folder, entry.get("components") or {}, compute_units=compute_units)
+        be = CoreMLBackend(folder, components, compute_units=compute_units)
     return Pipeline(be, info, vae=vae, source=source or str(folder))
 
 
@@ -363,21 +305,22 @@ def load(
     root = resolve_source(str(model), wanted)
     manifest = read_bundle_manifest(root)
     name = pick_section(manifest, backend, section)
-    entry = manifest["sections"][name]
+    entry: Section = manifest.sections[name]
     used = [name]
     config_from = None
     if backend == "coreml":
+        sections = manifest.sections
         ref = next(
             (
                 s
-                for s in (PREFERRED["torch"], *sorted(manifest["sections"]))
-                if manifest["sections"].get(s, {}).get("kind") == "pipeline"
+                for s in (PREFERRED["torch"], *sorted(sections))
+                if s in sections and sections[s].kind == "pipeline"
             ),
             None,
         )
         if ref is not None:
             used.append(ref)
-            config_from = (root / ref, manifest["sections"][ref])
+            config_from = (root / ref, sections[ref])
     if verify:
         n = verify_files(root, manifest, used, memo)
         logger.debug("verified %d files of %s", n, ", ".join(used))

@@ -2,9 +2,8 @@
 compared as final images (PSNR, SSIM).
 
 Used by the ``parity`` stage (numbers into the bundle manifest), ``make demo`` and the tests. Floors are
-data (``PSNR_FLOORS_DB``), per precision of the candidate: an fp32 export must be near-identical, lossy
-ones must stay above their floor. Random-weight tiny models are the worst case for quantization (no
-outlier structure to preserve), so these floors hold on them and leave room on real weights.
+the contract's (``floors.E2E_PSNR_DB``), per precision of the candidate: an fp32 export must be
+near-identical, lossy ones must stay above their floor.
 """
 
 from __future__ import annotations
@@ -12,20 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from sdkiln.runtime.contract.floors import E2E_PSNR_DB, e2e_floor
+from sdkiln.runtime.contract.metrics import compare_images
 from sdkiln.runtime.examples import PHOTOS, SKETCHES
-from sdkiln.runtime.metrics import psnr, ssim
-from sdkiln.runtime.pipeline import Pipeline, Result
+from sdkiln.runtime.pipeline import Pipeline
+from sdkiln.runtime.tasks import edit_request, sketch_request, text_request
+from sdkiln.runtime.types import Result
 
-# End-to-end image PSNR floors (dB) against the PyTorch fp32 reference, by candidate precision.
-PSNR_FLOORS_DB: dict[str, float] = {
-    "fp32": 40.0,  # same graph, different kernels: differences at the 1e-6 level
-    "fp16": 28.0,
-    "int8": 18.0,  # dynamic INT8 MatMuls (ORT) or qint8 weights
-    "6bit": 20.0,  # Core ML 6-bit palettization
-    "palettized": 20.0,
-}
+PSNR_FLOORS_DB = E2E_PSNR_DB
 
 
 @dataclass(frozen=True)
@@ -47,15 +40,11 @@ CASES: tuple[Case, ...] = (
 )
 
 
-def floor_for(precision: str | None) -> float:
-    """The PSNR floor for a candidate's precision (unknown precisions get the INT8 floor)."""
-    return PSNR_FLOORS_DB.get(precision or "fp32", PSNR_FLOORS_DB["int8"])
+floor_for = e2e_floor
 
 
 def run_case(pipe: Pipeline, case: Case, steps: int | None = None, size: int | None = None) -> Result:
     """Run ``case`` on ``pipe`` (same seed, so the same initial latents on every backend)."""
-    from sdkiln.runtime.tasks import edit_request, sketch_request, text_request
-
     common: dict[str, Any] = {"steps": steps, "seed": case.seed, "height": size, "width": size}
     if case.task == "text":
         req = text_request(pipe, case.prompt, **common)
@@ -74,10 +63,5 @@ def available_cases(pipe: Pipeline, cases: tuple[Case, ...] = CASES) -> tuple[Ca
 
 
 def compare(reference: Result, candidate: Result) -> dict[str, float]:
-    """PSNR (dB) and SSIM of a candidate's first image against the reference's."""
-    a, b = reference.pixels[0], candidate.pixels[0]
-    return {
-        "psnr_db": round(psnr(a, b), 3),
-        "ssim": round(ssim(a, b), 5),
-        "max_abs": round(float(np.abs(a - b).max()), 6),
-    }
+    """PSNR (dB), SSIM and max-abs of a candidate's first image against the reference's."""
+    return compare_images(reference.pixels[0], candidate.pixels[0])

@@ -16,88 +16,27 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from sdkiln.runtime.backends.base import Backend, Component, cast_feeds
+from sdkiln.runtime.backends.base import Backend, Component
+from sdkiln.runtime.contract.errors import GenerationError, UserError
+from sdkiln.runtime.contract.families import generation_defaults
+from sdkiln.runtime.contract.specs import cast_feeds
 from sdkiln.runtime.images import to_pil, to_pixels
 from sdkiln.runtime.schedulers import Scheduler, scheduler_from_config
+from sdkiln.runtime.tasks import edit_request, sketch_request, text_request
 from sdkiln.runtime.tokenizer import ClipTokenizer
-from sdkiln.stages.core import SdkilnError, UserError
+from sdkiln.runtime.types import Control, ModelInfo, Progress, Request, Result
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
 
-
-class GenerationError(SdkilnError):
-    """The models ran but produced something unusable (non-finite pixels). Exit code 1."""
-
-    exit_code = 1
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the loop needs to know about the model besides its components (read from the bundle)."""
-
-    family: str
-    lcm: bool
-    scheduler_config: dict[str, Any]
-    tokenizer_dirs: tuple[Path, ...]  # one per text encoder, in order
-    pad_tokens: tuple[str, ...]  # the family's pad token per tokenizer, when its folder does not say
-    vae_scaling_factor: float
-    vae_shift_factor: float | None
-    taesd_scaling_factor: float
-    default_size: tuple[int, int]  # (height, width) in pixels
-    vae_scale_factor: int = 8
-    time_cond_proj_dim: int | None = None
-    controlnets: tuple[str, ...] = ()
-    taesd: bool = False
-    force_zeros_for_empty_prompt: bool = True
-    section: str = ""
-
-
-@dataclass(frozen=True)
-class Control:
-    """ControlNet guidance: which net, its conditioning image (1, 3, H, W) in [0, 1], and how strongly."""
-
-    kind: str  # "scribble", "canny"
-    image: np.ndarray
-    scale: float = 1.0
-    start: float = 0.0  # fraction of the steps before which the ControlNet is off
-    end: float = 1.0  # fraction after which it is off
-
-
-@dataclass(frozen=True)
-class Request:
-    prompts: list[str]
-    negative_prompts: list[str] | None = None
-    steps: int | None = None  # None: the family default
-    guidance: float | None = None  # None: the family default
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-    init_image: np.ndarray | None = None  # (1, 3, H, W) in [-1, 1]: img2img
-    strength: float = 1.0
-    control: Control | None = None
-
-
-@dataclass
-class Result:
-    images: list[Image.Image]
-    pixels: np.ndarray  # float32 (B, H, W, 3) in [0, 1]
-    timings: dict[str, float]  # seconds per stage
-    steps: int  # denoising steps actually run
-    guidance: float
-    cfg: bool
-    seed: int
-    settings: dict[str, Any] = field(default_factory=dict)
+__all__ = ["Control", "GenerationError", "ModelInfo", "Pipeline", "Request", "Result", "guidance_embedding"]
 
 
 def _plain(items: Iterable[T], desc: str, total: int) -> Iterator[T]:
@@ -132,8 +71,6 @@ class Pipeline:
             ClipTokenizer.from_folder(d, default_pad_token=pad)
             for d, pad in zip(info.tokenizer_dirs, info.pad_tokens, strict=True)
         ]
-        from sdkiln.stages.families import generation_defaults
-
         gen = generation_defaults(info.family, lcm=info.lcm)
         self.default_steps, self.default_guidance = gen.steps, gen.guidance
 
@@ -144,21 +81,15 @@ class Pipeline:
 
     def text(self, prompt: str | list[str], **kwargs: Any) -> Image.Image | list[Image.Image]:
         """txt2img. ``prompt`` may be a list (a batch): then a list of images comes back."""
-        from sdkiln.runtime.tasks import text_request
-
         result = self.generate(text_request(self, prompt, **kwargs))
         return result.images if isinstance(prompt, list) else result.images[0]
 
     def sketch(self, sketch: Any, prompt: str, **kwargs: Any) -> Image.Image:
         """ControlNet-scribble generation from a line drawing."""
-        from sdkiln.runtime.tasks import sketch_request
-
         return self.generate(sketch_request(self, sketch, prompt, **kwargs)).images[0]
 
     def edit(self, image: Any, prompt: str, **kwargs: Any) -> Image.Image:
         """img2img at ``strength``; ``control="canny"`` keeps the structure with the canny ControlNet."""
-        from sdkiln.runtime.tasks import edit_request
-
         return self.generate(edit_request(self, image, prompt, **kwargs)).images[0]
 
     def components_for(self, task: str, control: str | None = None) -> list[str]:

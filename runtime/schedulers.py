@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.contract.errors import UserError
 
 __all__ = [
     "DPMSolverMultistep",

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.contract.errors import UserError
 
 STYLES_PATH = Path(__file__).parent / "data" / "styles.json"
 

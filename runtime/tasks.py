@@ -11,15 +11,19 @@ Style presets (``style="cyberpunk"``) rewrite the prompt before anything runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from sdkiln.runtime.contract.errors import UserError
 from sdkiln.runtime.images import canny_condition, scribble_condition, to_vae_input
-from sdkiln.runtime.pipeline import Control, Request
 from sdkiln.runtime.styles import apply_style
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.types import Control, Request
 
-if TYPE_CHECKING:
-    from sdkiln.runtime.pipeline import Pipeline
+
+class Sized(Protocol):
+    """What a request builder needs of a pipeline: the image size it generates."""
+
+    def size(self, height: int | None, width: int | None) -> tuple[int, int]: ...
+
 
 TASKS = ("sketch", "text", "edit")
 CONTROLS = ("canny",)
@@ -36,7 +40,7 @@ def _prompts(prompt: str | list[str], negative: str | list[str] | None, style: s
 
 
 def text_request(
-    pipe: Pipeline,
+    pipe: Sized,
     prompt: str | list[str],
     *,
     negative_prompt: str | list[str] | None = None,
@@ -54,7 +58,7 @@ def text_request(
 
 
 def sketch_request(
-    pipe: Pipeline,
+    pipe: Sized,
     sketch: Any,
     prompt: str,
     *,
@@ -80,7 +84,7 @@ def sketch_request(
 
 
 def edit_request(
-    pipe: Pipeline,
+    pipe: Sized,
     image: Any,
     prompt: str,
     *,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.contract.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdkiln.stages.core import SdkilnError, UserError
+from sdkiln.runtime.contract.errors import SdkilnError, UserError
 
 logger = logging.getLogger("sdkiln")
 
@@ -39,11 +39,18 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from sdkiln.stages.recipe import load_recipe
-    from sdkiln.stages.registry import registry
+def _stages() -> dict:
+    """The built-in stages plus the plugins named in $SDKILN_STAGE_PLUGINS."""
+    from sdkiln.stages import STAGES
+    from sdkiln.stages.engine.plugins import registry
 
-    stages = registry()
+    return registry(STAGES)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sdkiln.stages.engine.recipe import load_recipe
+
+    stages = _stages()
     failed: list[SdkilnError] = []
     for path in args.recipes:
         try:
@@ -58,7 +65,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from sdkiln.stages.engine import plan
 
-    rows = plan(Path(args.recipe), _artifacts(args), args.overrides)
+    rows = plan(Path(args.recipe), _artifacts(args), args.overrides, stages=_stages())
     width = max(len(r.step) for r in rows)
     for r in rows:
         print(f"{r.step:<{width}}  {r.stage:<17} {r.status:<4}  {r.reason}")
@@ -69,7 +76,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     from sdkiln.stages.engine import build
 
     result = build(
-        Path(args.recipe), _artifacts(args), args.overrides, force=set(args.force or ()), frozen=args.frozen
+        Path(args.recipe),
+        _artifacts(args),
+        args.overrides,
+        force=set(args.force or ()),
+        frozen=args.frozen,
+        stages=_stages(),
     )
     hits = sum(s.status == "HIT" for s in result.steps)
     logger.info("%d steps: %d cached, %d built", len(result.steps), hits, len(result.steps) - hits)
@@ -78,12 +90,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from sdkiln.stages.manifest import verify_tree
+    from sdkiln.runtime.contract.manifest import read_any_manifest, verify_files
 
     path = Path(args.path)
     if not path.is_dir():
         raise UserError(f"{path}: no such bundle or cache entry")
-    report = verify_tree(path)
+    report = verify_files(path, read_any_manifest(path).files)
     if report.ok:
         print(f"ok  {path}")
         return 0
@@ -94,8 +106,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from sdkiln.stages.cache import Cache, dir_size
     from sdkiln.stages.engine import referenced_keys
+    from sdkiln.stages.engine.cache import Cache, dir_size
 
     root = _artifacts(args)
     cache = Cache(root)
@@ -106,25 +118,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
         total += size
         used = ",".join(refs.get(e.key, [])) or "-"
         m = e.manifest
+        stage, step, kind, created = (m.stage, m.step, m.kind, m.created) if m else ("?", "?", "?", "?")
         print(
-            f"{e.key[:12]}  {m.get('stage', '?'):<17} {m.get('step', '?'):<14} {m.get('kind', '?'):<16}"
-            f" {_human(size):>9}  {m.get('created', '?')}  used by: {used}"
+            f"{e.key[:12]}  {stage:<17} {step:<14} {kind:<16} {_human(size):>9}  {created}  used by: {used}"
         )
     print(f"total {_human(total)} in {cache.root}")
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from sdkiln.stages.cache import dir_size
     from sdkiln.stages.engine import gc
+    from sdkiln.stages.engine.cache import dir_size
 
     doomed = gc(_artifacts(args), dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for e in doomed:
         size = dir_size(e.path) if e.path.exists() else 0
-        print(
-            f"{verb} {e.key[:12]}  {e.manifest.get('stage', '?')} {e.manifest.get('step', '?')} {_human(size)}"
-        )
+        stage, step = (e.manifest.stage, e.manifest.step) if e.manifest else ("?", "?")
+        print(f"{verb} {e.key[:12]}  {stage} {step} {_human(size)}")
     print(f"{verb} {len(doomed)} unreferenced entr{'y' if len(doomed) == 1 else 'ies'}")
     return 0
 
@@ -174,8 +185,8 @@ def _add_optional(sub: argparse._SubParsersAction) -> None:
     for module, adder in (
         ("sdkiln.runtime.cli", "add_run_parser"),
         ("sdkiln.runtime.cli", "add_demo_parser"),
-        ("sdkiln.stages.publish", "add_publish_parser"),
-        ("sdkiln.stages.bench", "add_bench_parser"),
+        ("sdkiln.stages.tools.publish.cli", "add_publish_parser"),
+        ("sdkiln.stages.tools.bench.cli", "add_bench_parser"),
     ):
         try:
             mod = importlib.import_module(module)

@@ -15,7 +15,7 @@ Recipe step::
 
 Per component (text encoder(s), UNet and/or the ControlledUnet that takes the ControlNet residuals,
 each ControlNet, VAE decoder, VAE encoder) it traces a wrapper with Apple's I/O names
-(``coreml_utils``), converts it to an ML Program with fixed shapes, saves
+(``common.coreml``), converts it to an ML Program with fixed shapes, saves
 ``packages/<Name>.mlpackage`` plus the tokenizer's ``vocab.json`` and ``merges.txt``, and then checks the
 package the only ways Linux allows (Core ML cannot run a model here):
 
@@ -40,7 +40,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from sdkiln.stages.core import Kind, ParityError, Stage, StageContext, StageParams, UserError
+from sdkiln.runtime.contract.errors import ParityError, UserError
+from sdkiln.runtime.contract.layout import Kind
+from sdkiln.runtime.contract.manifest import ModelFacts
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ def component_keys(params: ExportCoremlParams, family: Any, controlnets: list[st
 
 def default_batch(family: Any, lcm: bool) -> int:
     """1 when the family's default sampling needs no classifier-free guidance (LCM, SD-Turbo), else 2."""
-    from sdkiln.stages.families import generation_defaults
+    from sdkiln.runtime.contract.families import generation_defaults
 
     return 1 if generation_defaults(family, lcm).guidance <= 1.0 else 2
 
@@ -118,25 +121,23 @@ def family_component(key: str) -> str:
     return "unet" if key == "controlled_unet" else key
 
 
-def psnr_floor(
-    family: Any, key: str, extra: dict[str, Any], override: float | None, palettized: bool
-) -> float:
+def psnr_floor(key: str, facts: ModelFacts, override: float | None, palettized: bool) -> float:
     """The parity floor for a component: the recipe's ``min_psnr_db`` if set; for a tiny preset the
-    documented tiny floors (``families.COREML_TINY_MIN_PSNR_DB``); else the family's Core ML floor."""
-    from sdkiln.stages.families import COREML_TINY_MIN_PSNR_DB
+    contract's tiny floors (``floors.COREML_TINY_MIN_PSNR_DB``); else the component's Core ML floor."""
+    from sdkiln.runtime.contract.floors import COREML_TINY_MIN_PSNR_DB, tolerance
 
     if override is not None:
         return override
-    if is_tiny(extra):
+    if is_tiny(facts):
         return COREML_TINY_MIN_PSNR_DB["palettized" if palettized else "fp16"]
-    return family.components[family_component(key)].tolerance.coreml_min_psnr_db
+    return tolerance(family_component(key)).coreml_min_psnr_db
 
 
-def is_tiny(extra: dict[str, Any]) -> bool:
+def is_tiny(facts: ModelFacts) -> bool:
     """Whether an artifact descends from a tiny preset (random test-sized weights)."""
-    from sdkiln.stages.presets import PRESETS
+    from sdkiln.stages.common.torch.presets import PRESETS
 
-    preset = (extra.get("source") or {}).get("preset")
+    preset = facts.source.get("preset")
     return preset in PRESETS and PRESETS[preset].size == "tiny"
 
 
@@ -194,7 +195,7 @@ def check_attention_ops(spec: Any, attention: str, heads: int) -> list[str]:
 
 def count_heads(module: Any) -> int:
     """Total attention heads in the split-einsum attentions of a module."""
-    from sdkiln.stages.coreml_attention import SplitHeadAttention
+    from sdkiln.stages.common.coreml.attention import SplitHeadAttention
 
     return sum(m.heads for m in module.modules() if isinstance(m, SplitHeadAttention))
 
@@ -242,15 +243,16 @@ def convert_component(
 def run(ctx: StageContext) -> None:
     import gc
 
-    from sdkiln.stages import coreml_utils as cu
-    from sdkiln.stages.families import get_family
-    from sdkiln.stages.pipeline_io import family_of, read_configs
+    from sdkiln.runtime.contract.families import get_family
+    from sdkiln.stages.common.coreml import io as cio
+    from sdkiln.stages.common.coreml import readback as crb
+    from sdkiln.stages.common.torch.pipeline import read_configs
 
     p: ExportCoremlParams = ctx.params
     src = ctx.input("model")
-    fam = get_family(family_of(src.manifest))
-    extra_in = src.manifest.get("extra", {})
-    controlnets = list(extra_in.get("controlnets", []))
+    facts = src.model
+    fam = get_family(facts.family)
+    controlnets = list(facts.controlnets)
     if p.controlnets is not None:
         unknown = sorted(set(p.controlnets) - set(controlnets))
         if unknown:
@@ -258,7 +260,7 @@ def run(ctx: StageContext) -> None:
         controlnets = [c for c in controlnets if c in p.controlnets]
     configs = read_configs(src.path)
     added_cond = fam.uses_added_cond
-    batch = p.batch or default_batch(fam, bool(extra_in.get("lcm")))
+    batch = p.batch or default_batch(fam, facts.lcm)
     height = p.height or fam.default_size
     width = p.width or fam.default_size
     scale = fam.vae_scale_factor
@@ -280,19 +282,19 @@ def run(ctx: StageContext) -> None:
     total_bytes = 0
     t_all = time.perf_counter()
     for key in ctx.progress(keys, desc="convert", total=len(keys)):
-        cfg_key = cu.config_key(key)
+        cfg_key = cio.config_key(key)
         config = configs[cfg_key] if cfg_key in configs else _controlnet_config(src.path, key)
         model_class = fam.components[key].model_class if key.startswith("text_encoder") else None
-        plan = cu.plan_component(key, config, batch, latent_hw, scale, added_cond)
+        plan = cio.plan_component(key, config, batch, latent_hw, scale, added_cond)
         vocab = int(configs.get("text_encoder", {}).get("vocab_size", 49408))
-        example = cu.example_inputs(plan.inputs, p.seed, vocab)
-        rel = cu.package_relpath(key)
+        example = cio.example_inputs(plan.inputs, p.seed, vocab)
+        rel = cio.package_relpath(key)
         package = ctx.out_dir / rel
 
-        model = cu.load_model(src.path, key, model_class)
+        model = cio.load_model(src.path, key, model_class)
         # The reference: diffusers' own attention, fp32. Computed before split_einsum rewrites the model.
-        reference = cu.run_module(cu.build_module(key, model, "original", added_cond), example)
-        module = cu.build_module(key, model, p.attention, added_cond)
+        reference = cio.run_module(cio.build_module(key, model, "original", added_cond), example)
+        module = cio.build_module(key, model, p.attention, added_cond)
         heads = count_heads(module)
         t0 = time.perf_counter()
         convert_component(
@@ -303,34 +305,34 @@ def run(ctx: StageContext) -> None:
         del module, model
         gc.collect()
 
-        spec = cu.read_spec(package)
+        spec = crb.read_spec(package)
         shapes = {n: tuple(r.shape) for n, r in zip(plan.output_names, reference, strict=True)}
         problems = check_spec(spec, plan, shapes)
-        if key in cu.UNET_KEYS or key.startswith("controlnet."):
+        if key in cio.UNET_KEYS or key.startswith("controlnet."):
             problems += check_attention_ops(spec, p.attention, heads)
         failures += [f"{key}: {x}" for x in problems]
 
-        parity = cu.measure_packages(
+        parity = crb.measure_packages(
             [package], src.path, key, model_class, p.attention, added_cond, example, reference
         )
-        floor = psnr_floor(fam, key, extra_in, p.min_psnr_db, palettized=False)
+        floor = psnr_floor(key, facts, p.min_psnr_db, palettized=False)
         worst = parity.worst_db
         if worst < floor:
             failures.append(f"{key}: PSNR {worst:.1f} dB < {floor:.1f} dB")
-        size = cu.package_bytes(package)
+        size = cio.package_bytes(package)
         total_bytes += size
         ins, outs = spec.io_manifest()
         ctx.components[key] = {
             "path": rel,
-            "apple_name": cu.apple_name(key),
-            "precision": p.compute_precision,
-            "attention": p.attention if key in cu.UNET_KEYS or key.startswith("controlnet.") else None,
+            "apple_name": cio.apple_name(key),
+            "precision": crb.precision_label(parity.summary),
+            "attention": p.attention if key in cio.UNET_KEYS or key.startswith("controlnet.") else None,
             "inputs": ins,
             "outputs": outs,
             "ops": dict(sorted(spec.ops.items())),
         }
         ctx.metrics.update(
-            cu.flat_metrics(
+            cio.flat_metrics(
                 key,
                 {
                     "convert_s": round(convert_s, 2),
@@ -349,19 +351,19 @@ def run(ctx: StageContext) -> None:
     write_tokenizer_files(tok_dir, ctx.out_dir)
     ctx.metrics["bytes"] = total_bytes
     ctx.metrics["convert_s"] = round(time.perf_counter() - t_all, 2)
-    ctx.extra.update(
-        {
-            "family": fam.name,
+    ctx.model = facts.model_copy(
+        update={
             "controlnets": [k.split(".", 1)[1] for k in keys if k.startswith("controlnet.")],
-            "lcm": bool(extra_in.get("lcm")),
-            "source": extra_in.get("source", {}),
+            "taesd": False,
+            "image_size": [height, width],
+        }
+    )
+    ctx.details.update(
+        {
             "attention": p.attention,
             "minimum_deployment_target": p.minimum_deployment_target,
             "compute_precision": p.compute_precision,
-            "precision": p.compute_precision,
             "batch": batch,
-            "height": height,
-            "width": width,
             "vae_scaling_factor": float(configs["vae"].get("scaling_factor", fam.vae_scaling_factor)),
             "tokenizer": {"vocab": "vocab.json", "merges": "merges.txt"},
         }
@@ -371,7 +373,7 @@ def run(ctx: StageContext) -> None:
 
 
 def _controlnet_config(folder: Path, key: str) -> dict[str, Any]:
-    from sdkiln.stages.coreml_utils import CONTROLNET_DIR
+    from sdkiln.stages.common.coreml.io import CONTROLNET_DIR
 
     path = folder / CONTROLNET_DIR / key.split(".", 1)[1] / "config.json"
     if not path.is_file():

@@ -35,8 +35,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sdkiln.stages.core import BuildError, Kind, Stage, StageContext, StageParams
-from sdkiln.stages.onnx_utils import ParityParams
+from sdkiln.runtime.contract.errors import BuildError
+from sdkiln.runtime.contract.layout import Kind
+from sdkiln.stages.common.onnx.parity import ParityParams
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class ExportOnnxParams(StageParams):
 
 def component_precision(kind: str, precision: str, vae_precision: str) -> str:
     """The precision one component gets in an export of ``precision``."""
-    from sdkiln.stages.onnx_components import VAE_KINDS
+    from sdkiln.runtime.contract.layout import VAE_KINDS
 
     return vae_precision if precision == "fp16" and kind in VAE_KINDS else precision
 
@@ -149,13 +151,15 @@ def export_graph(
 def run(ctx: StageContext) -> None:
     import torch
 
-    from sdkiln.stages import onnx_components as oc
-    from sdkiln.stages import onnx_utils as ou
-    from sdkiln.stages.pipeline_io import open_pipeline, read_configs
+    from sdkiln.runtime.contract.layout import EXTERNAL_DATA_FILE, MODEL_FILE
+    from sdkiln.stages.common.onnx import components as oc
+    from sdkiln.stages.common.onnx import io as ou
+    from sdkiln.stages.common.onnx.parity import ParityReport, gate_for
+    from sdkiln.stages.common.torch.pipeline import open_pipeline, read_configs
 
     p: ExportOnnxParams = ctx.params
     src = ctx.input("model")
-    fam, comps = oc.plan_components(src.path, src.manifest, p.controlnet_residuals)
+    fam, comps = oc.plan_components(src.path, src.model, p.controlnet_residuals)
     comps = oc.select(comps, p.components)
     unet_cfg = read_configs(src.path)["unet"]
     static_axes = None
@@ -168,11 +172,10 @@ def run(ctx: StageContext) -> None:
 
     with ctx.timed("load_s"):
         loaded = open_pipeline(src.path, family=fam.name)
-    report = ou.ParityReport()
+    report = ParityReport()
     sizes: dict[str, int] = {}
     nodes: dict[str, int] = {}
     export_s: dict[str, float] = {}
-    precisions: dict[str, str] = {}
     external: list[str] = []
     example_size = p.static.height if p.static else max(p.parity.image_sizes)
     example_axes = static_axes or oc.bindings(2, example_size, example_size, fam.vae_scale_factor)
@@ -182,7 +185,7 @@ def run(ctx: StageContext) -> None:
         module = oc.torch_graph(loaded, comp)
         raw_dir = ctx.work_dir / comp.folder
         raw_dir.mkdir(parents=True, exist_ok=True)
-        raw = raw_dir / ou.MODEL_FILE
+        raw = raw_dir / MODEL_FILE
         try:
             export_graph(module, comp, oc.make_feeds(comp, example_axes, seed=p.parity.seed), raw, p)
         except Exception as e:
@@ -195,7 +198,7 @@ def run(ctx: StageContext) -> None:
             model = ou.to_fp16(model)
         out_path = ctx.out_dir / comp.path
         files = ou.save_model(model, out_path, p.external_data, restore=False)
-        external += [f.relative_to(ctx.out_dir).as_posix() for f in files if f.name == ou.EXTERNAL_DATA_FILE]
+        external += [f.relative_to(ctx.out_dir).as_posix() for f in files if f.name == EXTERNAL_DATA_FILE]
         oc.copy_config(src.path, comp, ctx.out_dir)
         spec = ou.io_spec(model)
         problems = ou.spec_mismatches(spec, expected, comp.key)
@@ -206,7 +209,6 @@ def run(ctx: StageContext) -> None:
         _rmtree(raw_dir)
         export_s[comp.key] = round(time.perf_counter() - t0, 3)
         sizes[comp.key] = ou.files_bytes(files)
-        precisions[comp.key] = prec
         ctx.components[comp.key] = {"path": comp.path, "precision": prec, **spec}
 
         cases = oc.parity_cases(
@@ -218,8 +220,7 @@ def run(ctx: StageContext) -> None:
             fam.vae_scale_factor,
             static_axes,
         )
-        tol = fam.components[comp.kind].tolerance
-        report.check(comp.key, ou.cpu_session(out_path), cases, ou.gate_for(tol, prec))
+        report.check(comp.key, ou.cpu_session(out_path), cases, gate_for(comp.key, prec))
         del module, cases
 
     oc.write_layout(src.path, ctx.out_dir, comps)
@@ -232,23 +233,21 @@ def run(ctx: StageContext) -> None:
             "export_s": export_s,
         }
     )
-    src_extra = src.manifest.get("extra", {})
-    ctx.extra.update(
-        {
-            "family": fam.name,
-            "precision": p.precision,
-            "component_precision": precisions,
+    ctx.model = src.model.model_copy(
+        update={
             "controlnets": [c.controlnet_type for c in comps if c.kind == "controlnet"],
             "taesd": any(c.kind.startswith("taesd") for c in comps),
-            "lcm": bool(src_extra.get("lcm", False)),
             "unet_controlnet_residuals": residuals,
+            "static": static_axes,
+        }
+    )
+    ctx.details.update(
+        {
             "exporter": p.exporter,
             "opset": p.opset,
             "torch": torch.__version__,
             "shapes": "static" if static_axes else "dynamic",
-            "static": static_axes,
             "external_data": external,
-            "source": src_extra.get("source", {}),
         }
     )
     report.raise_if_failed(f"export_onnx ({p.precision})")

@@ -32,7 +32,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sdkiln.stages.core import BuildError, Kind, ParityError, Stage, StageContext, StageParams, UserError
+from sdkiln.runtime.contract.errors import BuildError, ParityError, UserError
+from sdkiln.runtime.contract.layout import Kind
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 from sdkiln.stages.load_pipeline import REPO_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ def resolve(name: str, ref: str) -> str:
 
 def check(params: FuseLoraParams, recipe_dir: Path) -> list[str]:
     """Plan-time problems: local LoRA files that do not exist, pickle files not allowed."""
-    from sdkiln.stages.hub import is_pickle
+    from sdkiln.stages.common.hub import is_pickle
 
     problems = []
     for i, lo in enumerate(params.loras):
@@ -206,7 +208,7 @@ def _lora_file(ctx: StageContext, i: int, lo: LoraSpec, loaded: Any) -> tuple[Pa
     """The safetensors file of LoRA ``i`` and what the manifest records about its source."""
     from safetensors.torch import save_file
 
-    from sdkiln.stages import hub
+    from sdkiln.stages.common import hub
 
     if lo.source == "preset":
         tes = [getattr(loaded.pipe, te) for te in loaded.family.text_encoders] if lo.text_encoder else []
@@ -294,23 +296,23 @@ def run(ctx: StageContext) -> None:
     import torch
     from safetensors import safe_open
 
-    from sdkiln.stages.families import SCHEDULERS
-    from sdkiln.stages.pipeline_io import (
-        compare,
+    from sdkiln.runtime.contract.families import SCHEDULERS
+    from sdkiln.runtime.contract.floors import tolerance
+    from sdkiln.runtime.contract.metrics import compare
+    from sdkiln.stages.common.torch.pipeline import (
         describe_pipeline,
-        family_of,
         open_pipeline,
         save_pipeline,
         unet_inputs,
     )
-    from sdkiln.stages.presets import make_scheduler
+    from sdkiln.stages.common.torch.presets import make_scheduler
 
     p: FuseLoraParams = ctx.params
     model = ctx.input("model")
-    family = family_of(model.manifest)
+    family = model.model.family
     loaded = open_pipeline(model.path, family=family)
     pipe, fam = loaded.pipe, loaded.family
-    tol = fam.components["unet"].tolerance
+    tol = tolerance("unet")
     max_abs = p.max_abs if p.max_abs is not None else tol.lora_fuse_max_abs
     min_cos = p.min_cosine if p.min_cosine is not None else tol.lora_fuse_min_cosine
 
@@ -374,7 +376,7 @@ def run(ctx: StageContext) -> None:
 
     failures = []
     for comp in ["unet", *tes]:
-        m = compare(ref[comp], fused[comp])
+        m = compare(ref[comp].detach(), fused[comp].detach())
         ctx.metrics[f"parity.{comp}.max_abs"] = m["max_abs"]
         ctx.metrics[f"parity.{comp}.cosine"] = m["cosine"]
         if not (m["max_abs"] <= max_abs and m["cosine"] >= min_cos):
@@ -383,11 +385,11 @@ def run(ctx: StageContext) -> None:
                 f"cosine {m['cosine']:.7f} (floor {min_cos})"
             )
     # How much the LoRAs change the UNet: shows the parity numbers are not those of a no-op.
-    ctx.metrics["lora_effect.unet.max_abs"] = compare(base_unet, ref["unet"])["max_abs"]
+    ctx.metrics["lora_effect.unet.max_abs"] = compare(base_unet.detach(), ref["unet"].detach())["max_abs"]
     if failures:
         raise ParityError(f"fuse_lora ({family})", failures)
 
-    lcm = any(lo.kind == "lcm" for lo in p.loras) or bool(model.manifest.get("extra", {}).get("lcm"))
+    lcm = any(lo.kind == "lcm" for lo in p.loras) or model.model.lcm
     if any(lo.kind == "lcm" for lo in p.loras):
         pipe.scheduler = make_scheduler(family, "lcm", base=dict(pipe.scheduler.config))
 
@@ -401,14 +403,18 @@ def run(ctx: StageContext) -> None:
     if lora_keys:
         raise BuildError(f"the fused UNet still has {lora_keys} LoRA keys after unloading the adapters")
 
-    source = dict(model.manifest.get("extra", {}).get("source", {}))
-    desc = describe_pipeline(ctx.out_dir, family=family, source=source, lcm=lcm)
-    ctx.components.update(desc["components"])
-    ctx.extra.update({**model.manifest.get("extra", {}), **desc["extra"]})
-    ctx.extra["loras"] = records
-    ctx.extra["scheduler"] = type(pipe.scheduler).__name__
-    ctx.extra["lcm"] = lcm or type(pipe.scheduler).__name__ == SCHEDULERS["lcm"]
-    ctx.metrics.update(desc["metrics"])
+    scheduler = type(pipe.scheduler).__name__
+    desc = describe_pipeline(
+        ctx.out_dir,
+        family=family,
+        source=dict(model.model.source),
+        lcm=lcm or scheduler == SCHEDULERS["lcm"],
+        scheduler=scheduler,
+        loras=[*model.model.loras, *records],
+    )
+    ctx.components.update(desc.components)
+    ctx.model = desc.model
+    ctx.metrics["bytes"] = desc.bytes
 
 
 def _adapter_count(module: Any, adapter: str | None = None) -> int:

@@ -33,8 +33,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sdkiln.stages.core import Kind, Stage, StageContext, StageParams, UserError
-from sdkiln.stages.families import SCHEDULERS
+from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.families import SCHEDULERS
+from sdkiln.runtime.contract.layout import Kind
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class LoadPipelineParams(StageParams):
 
     @model_validator(mode="after")
     def _source_fields(self) -> LoadPipelineParams:
-        from sdkiln.stages.presets import PRESETS
+        from sdkiln.stages.common.torch.presets import PRESETS
 
         needed = {"hub": "repo", "local": "path", "preset": "preset"}[self.source]
         if getattr(self, needed) is None:
@@ -127,7 +129,7 @@ def refs(params: LoadPipelineParams) -> dict[str, str]:
 
 def resolve(name: str, ref: str) -> str:
     """Resolve one ``hub:<role>:<repo>`` reference to a commit sha (network; cache when offline)."""
-    from sdkiln.stages.hub import resolve_revision
+    from sdkiln.stages.common.hub import resolve_revision
 
     kind, _, rest = name.partition(":")
     _, _, repo = rest.partition(":")
@@ -137,7 +139,7 @@ def resolve(name: str, ref: str) -> str:
 
 
 def _pinned(ctx: StageContext, role: str, repo: str, revision: str) -> str:
-    from sdkiln.stages.hub import resolve_revision
+    from sdkiln.stages.common.hub import resolve_revision
 
     sha = ctx.pins.get(_ref_name(role, repo))
     if sha is None:  # called outside the engine (tests, scripts): pin now
@@ -162,7 +164,7 @@ def check(params: LoadPipelineParams, recipe_dir: Path) -> list[str]:
 
 
 def _download_pipeline(ctx: StageContext, p: LoadPipelineParams) -> tuple[Path, dict[str, Any]]:
-    from sdkiln.stages import hub
+    from sdkiln.stages.common import hub
 
     sha = _pinned(ctx, "base", p.repo, p.revision)
     files = hub.list_files(p.repo, sha)
@@ -183,8 +185,8 @@ def _load_base(
 ) -> Any:
     import diffusers
 
-    from sdkiln.stages.families import get_family
-    from sdkiln.stages.pipeline_io import pipeline_class
+    from sdkiln.runtime.contract.families import get_family
+    from sdkiln.stages.common.torch.pipeline import pipeline_class
 
     fam = get_family(family)
     cls_name = pipeline_class(snapshot)
@@ -216,8 +218,8 @@ def _load_override(
     import diffusers
     import transformers
 
-    from sdkiln.stages import hub
-    from sdkiln.stages.families import get_family
+    from sdkiln.runtime.contract.families import get_family
+    from sdkiln.stages.common import hub
 
     sha = _pinned(ctx, role, comp.repo, comp.revision)
     files = hub.list_files(comp.repo, sha)
@@ -247,15 +249,15 @@ def run(ctx: StageContext) -> None:
     """Load, apply overrides and the scheduler choice, save in the PIPELINE layout, describe."""
     import torch
 
-    from sdkiln.stages.families import get_family
-    from sdkiln.stages.hub import refuse_pickles
-    from sdkiln.stages.pipeline_io import (
+    from sdkiln.runtime.contract.families import get_family
+    from sdkiln.stages.common.hub import refuse_pickles
+    from sdkiln.stages.common.torch.pipeline import (
         describe_pipeline,
         infer_family,
         open_pipeline,
         save_pipeline,
     )
-    from sdkiln.stages.presets import build_preset, get_preset, make_scheduler
+    from sdkiln.stages.common.torch.presets import build_preset, get_preset, make_scheduler
 
     p: LoadPipelineParams = ctx.params
     torch_dtype = getattr(torch, p.dtype)
@@ -308,12 +310,16 @@ def run(ctx: StageContext) -> None:
         save_pipeline(pipe, ctx.out_dir, controlnets=controlnets, vae_tiny=vae_tiny)
     lcm = type(pipe.scheduler).__name__ == SCHEDULERS["lcm"]
     desc = describe_pipeline(
-        ctx.out_dir, family=family, source=source, lcm=lcm, precision=_precision(p.dtype)
+        ctx.out_dir,
+        family=family,
+        source=source,
+        lcm=lcm,
+        precision=_precision(p.dtype),
+        scheduler=type(pipe.scheduler).__name__,
     )
-    ctx.components.update(desc["components"])
-    ctx.extra.update(desc["extra"])
-    ctx.extra["scheduler"] = type(pipe.scheduler).__name__
-    ctx.metrics.update(desc["metrics"])
+    ctx.components.update(desc.components)
+    ctx.model = desc.model
+    ctx.metrics["bytes"] = desc.bytes
     ctx.metrics["unet_params"] = sum(x.numel() for x in pipe.unet.parameters())
 
 

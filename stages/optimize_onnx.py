@@ -30,9 +30,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sdkiln.stages.core import BuildError, Kind, Stage, StageContext, StageParams
-from sdkiln.stages.onnx_components import VAE_KINDS
-from sdkiln.stages.onnx_utils import BenchmarkParams, ParityParams
+from sdkiln.runtime.contract.errors import BuildError
+from sdkiln.runtime.contract.layout import VAE_KINDS, Kind
+from sdkiln.stages.common.onnx.io import BenchmarkParams
+from sdkiln.stages.common.onnx.parity import ParityParams
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
 
@@ -189,19 +191,10 @@ def optimize_graph(src: Any, kind: str, params: OptimizeOnnxParams) -> tuple[Any
 
 
 def run(ctx: StageContext) -> None:
-    from sdkiln.stages import onnx_components as oc
-    from sdkiln.stages import onnx_utils as ou
-    from sdkiln.stages.pipeline_io import open_pipeline
+    from sdkiln.stages.common.onnx import io as ou
+    from sdkiln.stages.common.onnx.transform import GraphTransform
 
     p: OptimizeOnnxParams = ctx.params
-    src = ctx.input("onnx")
-    ref = ctx.input("model")
-    extra = dict(src.manifest.get("extra", {}))
-    comps_in = src.components
-    fam, planned = oc.plan_exported(src, ref)
-    selected = oc.select(planned, p.components)
-    static = extra.get("static")
-
     provider = "CPUExecutionProvider" if p.target == "cpu" else "CUDAExecutionProvider"
     verify = p.target == "cpu" or _has_provider(provider)
     if not verify and not p.allow_unverified:
@@ -209,30 +202,22 @@ def run(ctx: StageContext) -> None:
             f"target {p.target}: {provider} is not available here, so the parity gate cannot run; "
             "build on a CUDA machine, or set allow_unverified: true to skip the gate (recorded)"
         )
-
-    ou.copy_non_model_files(src.path, ctx.out_dir)
-    loaded = open_pipeline(ref.path, family=fam.name) if verify else None
-    report = ou.ParityReport()
+    t = GraphTransform(ctx, p.components)
     fusions: dict[str, Any] = {}
     nodes: dict[str, Any] = {}
-    sizes: dict[str, int] = {}
     bench: dict[str, Any] = {}
-    for comp in planned:
-        entry = comps_in[comp.key]
-        in_path = src.path / entry["path"]
-        out_path = ctx.out_dir / entry["path"]
-        if comp not in selected:
-            sizes[comp.key] = ou.files_bytes(ou.copy_model(in_path, out_path))
-            ctx.components[comp.key] = dict(entry)
+    for comp in t.planned:
+        if comp not in t.selected:
+            t.copy(comp)
             continue
         t0 = time.perf_counter()
+        in_path = t.in_path(comp)
         before = ou.load_model(in_path, with_data=False)
         model, stats = optimize_graph(in_path, comp.kind, p)
         if p.target == "cpu":
             bad = sorted({n.op_type for n in model.graph.node if n.op_type in CUDA_ONLY_OPS})
             if bad:
                 raise BuildError(f"{comp.key}: CPU graph contains CUDA-only ops {bad}")
-        files = ou.save_model(model, out_path, "auto", restore=False)
         fusions[comp.key] = stats
         nodes[comp.key] = {
             "before": len(before.graph.node),
@@ -241,50 +226,27 @@ def run(ctx: StageContext) -> None:
             "ops_after": ou.op_histogram(model),
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        spec = ou.io_spec(model)
-        problems = ou.spec_mismatches(spec, {k: entry[k] for k in ("inputs", "outputs")}, comp.key)
-        if problems:
-            raise BuildError("optimized graph changed its I/O:\n  " + "\n  ".join(problems))
+        wanted = "fp16" if stats.get("float16") else t.entry(comp)["precision"]
+        t.save(comp, model, wanted=wanted)
         del model, before
-        sizes[comp.key] = ou.files_bytes(files)
-        precision = "fp16" if stats.get("float16") else entry.get("precision", "fp32")
-        ctx.components[comp.key] = {**entry, "precision": precision}
         if verify:
-            module = oc.torch_graph(loaded, comp)
-            cases = oc.parity_cases(
-                module,
-                comp,
-                p.parity.batch_sizes,
-                p.parity.image_sizes,
-                p.parity.seed,
-                fam.vae_scale_factor,
-                static,
-            )
-            sess = ou.session(out_path, provider)
-            report.check(comp.key, sess, cases, ou.gate_for(fam.components[comp.kind].tolerance, precision))
-            del module, cases, sess
+            t.check_parity(comp, p.parity, provider)
         if p.benchmark is not None and (
             comp.key in p.benchmark.components or comp.kind in p.benchmark.components
         ):
-            bench[comp.key] = _benchmark(comp, in_path, out_path, p.benchmark, fam.vae_scale_factor, static)
-
-    ctx.metrics.update(
-        {
-            "fusions": fusions,
-            "nodes": nodes,
-            "bytes": sizes,
-            "total_bytes": sum(sizes.values()),
-            "parity": report.metrics() if verify else {"skipped": f"{provider} not available"},
-        }
-    )
+            bench[comp.key] = _benchmark(
+                comp, in_path, t.out_path(comp), p.benchmark, t.fam.vae_scale_factor, t.static
+            )
+    ctx.metrics.update({"fusions": fusions, "nodes": nodes})
     if bench:
         ctx.metrics["benchmark"] = bench
-    extra.update({"optimized_for": p.target, "optimized": [c.key for c in selected]})
-    if p.float16:
-        extra["precision"] = "fp16"
-        extra["component_precision"] = {k: v["precision"] for k, v in ctx.components.items()}
-    ctx.extra.update(extra)
-    report.raise_if_failed(f"optimize_onnx ({p.target})")
+    if not verify:
+        ctx.metrics["parity"] = {"skipped": f"{provider} not available"}
+    t.finish(
+        f"optimize_onnx ({p.target})",
+        details={"optimized_for": p.target, "optimized": [c.key for c in t.selected]},
+        parity=verify,
+    )
 
 
 def _has_provider(provider: str) -> bool:
@@ -302,8 +264,8 @@ def _benchmark(
     static: dict[str, int] | None,
 ) -> dict[str, Any]:
     """Latency of the input graph vs the optimized graph on the CPU provider, same feeds, interleaved."""
-    from sdkiln.stages import onnx_components as oc
-    from sdkiln.stages import onnx_utils as ou
+    from sdkiln.stages.common.onnx import components as oc
+    from sdkiln.stages.common.onnx import io as ou
 
     axes = static or oc.bindings(b.batch, b.image_size, b.image_size, vae_scale_factor)
     feeds = oc.make_feeds(comp, axes, seed=0)

@@ -43,7 +43,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sdkiln.stages.core import BuildError, Kind, ParityError, Stage, StageContext, StageParams, UserError
+from sdkiln.runtime.contract.errors import BuildError, ParityError, UserError
+from sdkiln.runtime.contract.layout import Kind
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class PalettizeCoremlParams(StageParams):
 def selected(key: str, components: tuple[str, ...]) -> bool:
     """Whether component key ``key`` (``text_encoder_2``, ``controlled_unet``, ``controlnet.x``, ...) is
     one of the ``components`` named in the params."""
-    from sdkiln.stages.coreml_utils import UNET_KEYS
+    from sdkiln.stages.common.coreml.io import UNET_KEYS
 
     if key.startswith("text_encoder"):
         name = "text_encoder"
@@ -154,7 +156,7 @@ def eligible_weights(
     """
     from torch import nn
 
-    from sdkiln.stages.coreml_utils import load_weights_into, read_weights
+    from sdkiln.stages.common.coreml.readback import load_weights_into, read_weights
 
     records = read_weights(package)
     report = load_weights_into(module, records)
@@ -187,7 +189,9 @@ def kmeans_palette(values: Any, nbits: int, iterations: int = 25) -> Any:
     import numpy as np
 
     flat = np.asarray(values, dtype=np.float16).reshape(-1)
-    uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    # Unique over the exact float32 copies: numpy 2.3's AVX-512 float16 sort returns unsorted runs for
+    # large arrays with many repeats on some CPUs (seen on AMD Zen 5), which np.unique relies on.
+    uniq, inverse, counts = np.unique(flat.astype(np.float32), return_inverse=True, return_counts=True)
     k = 1 << nbits
     x = uniq.astype(np.float64)
     if len(x) <= k:
@@ -293,7 +297,7 @@ def mixed_bit_search(
     the package's fp16 values). ``module`` holds the package's weights and is restored afterwards."""
     import torch
 
-    from sdkiln.stages.coreml_utils import psnr, run_module
+    from sdkiln.stages.common.coreml.io import psnr, run_module
 
     assert params.mixed_bit is not None
     t0 = time.perf_counter()
@@ -373,17 +377,18 @@ def check_chunks(full: Any, first: Any, second: Any) -> list[str]:
 def run(ctx: StageContext) -> None:
     import gc
 
-    from sdkiln.stages import coreml_utils as cu
+    from sdkiln.runtime.contract.families import get_family
+    from sdkiln.stages.common.coreml import io as cio
+    from sdkiln.stages.common.coreml import readback as crb
+    from sdkiln.stages.common.torch.pipeline import read_configs
     from sdkiln.stages.export_coreml import GROUPED_PALETTE_TARGETS, psnr_floor
-    from sdkiln.stages.families import get_family
-    from sdkiln.stages.pipeline_io import read_configs
 
     p: PalettizeCoremlParams = ctx.params
     src = ctx.input("coreml")
     pipeline = ctx.input("model")
-    extra_in = dict(src.manifest.get("extra", {}))
-    target = extra_in.get("minimum_deployment_target")
-    attention = extra_in.get("attention")
+    details_in = src.manifest.details
+    target = details_in.get("minimum_deployment_target")
+    attention = details_in.get("attention")
     if attention is None or target is None:
         raise UserError("input 'coreml' is not an export_coreml artifact (no attention/deployment target)")
     if p.granularity == "per_grouped_channel" and target not in GROUPED_PALETTE_TARGETS:
@@ -391,7 +396,7 @@ def run(ctx: StageContext) -> None:
             f"granularity per_grouped_channel needs a minimum_deployment_target of {' or '.join(GROUPED_PALETTE_TARGETS)}; "
             f"the input was exported for {target}"
         )
-    fam = get_family(extra_in["family"])
+    fam = get_family(src.model.family)
     added_cond = fam.uses_added_cond
     vocab = int(read_configs(pipeline.path).get("text_encoder", {}).get("vocab_size", 49408))
 
@@ -401,9 +406,10 @@ def run(ctx: StageContext) -> None:
     failures: list[str] = []
     total_before = total_after = 0
     mixed: dict[str, dict[str, int]] = {}
-    for key, comp in ctx.progress(list(src.components.items()), desc="palettize"):
+    components_in = src.components
+    for key, comp in ctx.progress(list(components_in.items()), desc="palettize"):
         package_in = src.path / comp["path"]
-        size_before = cu.package_bytes(package_in)
+        size_before = cio.package_bytes(package_in)
         total_before += size_before
         if not selected(key, p.components):
             shutil.copytree(package_in, ctx.out_dir / comp["path"])
@@ -412,11 +418,11 @@ def run(ctx: StageContext) -> None:
             continue
 
         model_class = fam.components[key].model_class if key.startswith("text_encoder") else None
-        inputs = tuple(cu.TensorInfo.from_manifest(t) for t in comp["inputs"])
-        example = cu.example_inputs(inputs, p.seed, vocab)
-        model = cu.load_model(pipeline.path, key, model_class)
-        reference = cu.run_module(cu.build_module(key, model, "original", added_cond), example)
-        module = cu.build_module(key, model, attention, added_cond)
+        inputs = tuple(cio.TensorInfo.from_manifest(t) for t in comp["inputs"])
+        example = cio.example_inputs(inputs, p.seed, vocab)
+        model = cio.load_model(pipeline.path, key, model_class)
+        reference = cio.run_module(cio.build_module(key, model, "original", added_cond), example)
+        module = cio.build_module(key, model, attention, added_cond)
 
         eligible, others = eligible_weights(module, package_in, p)
         per_weight: dict[str, int | None] = dict.fromkeys(others)
@@ -433,22 +439,22 @@ def run(ctx: StageContext) -> None:
         package_out = ctx.out_dir / comp["path"]
         palettize_package(package_in, package_out, p, per_weight)
         palettize_s = time.perf_counter() - t0
-        spec_full = cu.read_spec(package_out)
+        spec_full = crb.read_spec(package_out)
         problems = _check_interface(spec_full, comp)
 
         packages = [package_out]
         entry = dict(comp)
         chunk_metrics: dict[str, Any] = {}
-        if p.chunk_unet and key in cu.UNET_KEYS:
+        if p.chunk_unet and key in cio.UNET_KEYS:
             t1 = time.perf_counter()
-            chunk_rel = cu.chunk_relpaths(key)
+            chunk_rel = cio.chunk_relpaths(key)
             packages = [ctx.out_dir / r for r in chunk_rel]
             chunk_unet(package_out, packages, ctx.work_dir)
             # Swift loads the chunks when both exist: the whole UNet would be dead weight.
             shutil.rmtree(package_out)
-            specs = [cu.read_spec(pkg) for pkg in packages]
+            specs = [crb.read_spec(pkg) for pkg in packages]
             problems += check_chunks(spec_full, *specs)
-            sizes = [cu.package_bytes(pkg) for pkg in packages]
+            sizes = [cio.package_bytes(pkg) for pkg in packages]
             chunk_metrics = {
                 "chunk_s": round(time.perf_counter() - t1, 2),
                 "chunk1_bytes": sizes[0],
@@ -462,7 +468,7 @@ def run(ctx: StageContext) -> None:
             ]
         failures += [f"{key}: {x}" for x in problems]
 
-        parity = cu.measure_packages(
+        parity = crb.measure_packages(
             packages, pipeline.path, key, model_class, attention, added_cond, example, reference
         )
         if parity.summary.lut_ops != n_eligible:
@@ -472,12 +478,13 @@ def run(ctx: StageContext) -> None:
             )
         gc.collect()
         worst = parity.worst_db
-        floor = psnr_floor(fam, key, extra_in, p.min_psnr_db, palettized=True)
+        floor = psnr_floor(key, src.model, p.min_psnr_db, palettized=True)
         if worst < floor:
             failures.append(f"{key}: PSNR {worst:.1f} dB < {floor:.1f} dB")
 
-        size_after = sum(cu.package_bytes(pkg) for pkg in packages)
+        size_after = sum(cio.package_bytes(pkg) for pkg in packages)
         total_after += size_after
+        entry["precision"] = crb.precision_label(parity.summary)
         entry["palettization"] = {
             "nbits": "mixed" if result else p.nbits,
             "granularity": p.granularity,
@@ -497,7 +504,7 @@ def run(ctx: StageContext) -> None:
             **chunk_metrics,
             **({"mixed_bit": result.metrics()} if result else {}),
         }
-        ctx.metrics.update(cu.flat_metrics(key, metrics))
+        ctx.metrics.update(cio.flat_metrics(key, metrics))
         logger.info(
             "%s: %d -> %d bytes (%.3fx), %.2f bits/weight, PSNR %.1f dB (floor %.1f)",
             key, size_before, size_after, size_after / size_before, parity.summary.bits_per_weight, worst, floor,
@@ -506,8 +513,9 @@ def run(ctx: StageContext) -> None:
     ctx.metrics["bytes_before"] = total_before
     ctx.metrics["bytes_after"] = total_after
     ctx.metrics["size_ratio"] = round(total_after / total_before, 4) if total_before else 0.0
-    ctx.extra.update(extra_in)
-    ctx.extra["palettization"] = {
+    ctx.model = src.model
+    ctx.details.update(details_in)
+    ctx.details["palettization"] = {
         "nbits": p.nbits,
         "granularity": p.granularity,
         "components": list(p.components),

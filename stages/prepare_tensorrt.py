@@ -31,8 +31,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sdkiln.stages.core import BuildError, Kind, Stage, StageContext, StageParams, UserError
-from sdkiln.stages.onnx_utils import ParityParams
+from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.layout import Kind
+from sdkiln.stages.common.onnx.parity import ParityParams
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +74,8 @@ def profiles(
 ) -> dict:
     """min/opt/max shape of each graph input of ``comp``: ``{input: {"min": [...], "opt": [...], "max": [...]}}``.
     A static graph's profile is its one fixed shape."""
-    from sdkiln.stages import onnx_components as oc
-    from sdkiln.stages.families import resolve_shape
+    from sdkiln.runtime.contract.specs import resolve_shape
+    from sdkiln.stages.common.onnx import components as oc
 
     factor = 2 if p.cfg and comp.kind in CFG_KINDS else 1
     out: dict[str, dict[str, list[int]]] = {}
@@ -94,7 +96,7 @@ def prepare_graph(src: Any, work: Any, fp16: bool) -> Any:
     """Constant-fold with ORT's basic level (standard ops only), trim opset imports, fp16 if asked."""
     import onnxruntime as ort
 
-    from sdkiln.stages import onnx_utils as ou
+    from sdkiln.stages.common.onnx import io as ou
 
     work.mkdir(parents=True, exist_ok=True)
     folded = work / "folded.onnx"
@@ -127,85 +129,44 @@ def prepare_graph(src: Any, work: Any, fp16: bool) -> Any:
 def run(ctx: StageContext) -> None:
     import onnx
 
-    from sdkiln.stages import onnx_components as oc
-    from sdkiln.stages import onnx_utils as ou
+    from sdkiln.stages.common.onnx import components as oc
+    from sdkiln.stages.common.onnx import io as ou
+    from sdkiln.stages.common.onnx.transform import GraphTransform
+    from sdkiln.stages.common.torch.pipeline import read_configs
     from sdkiln.stages.export_onnx import component_precision
-    from sdkiln.stages.pipeline_io import open_pipeline, read_configs
 
     p: PrepareTensorrtParams = ctx.params
-    src = ctx.input("onnx")
-    ref = ctx.input("model")
-    extra = dict(src.manifest.get("extra", {}))
-    comps_in = src.components
-    fam, planned = oc.plan_exported(src, ref)
-    selected = oc.select(planned, p.components)
-    not_fp32 = [c.key for c in selected if comps_in[c.key].get("precision", "fp32") != "fp32"]
-    if not_fp32:
-        raise UserError(f"prepare_tensorrt needs the fp32 export; {not_fp32} are not fp32")
-    static = extra.get("static")
-    if static is None:
-        unet_cfg = read_configs(ref.path)["unet"]
-        oc.check_sizes(fam, unet_cfg, sorted({*p.height, *p.width}), "height/width")
-
-    ou.copy_non_model_files(src.path, ctx.out_dir)
-    loaded = open_pipeline(ref.path, family=fam.name)
-    report = ou.ParityReport()
+    t = GraphTransform(ctx, p.components, require_fp32=True)
+    if t.static is None:
+        unet_cfg = read_configs(t.ref.path)["unet"]
+        oc.check_sizes(t.fam, unet_cfg, sorted({*p.height, *p.width}), "height/width")
     profs: dict[str, Any] = {}
-    precisions: dict[str, str] = {}
     nodes: dict[str, Any] = {}
-    sizes: dict[str, int] = {}
-    for comp in selected:
-        entry = comps_in[comp.key]
-        in_path = src.path / entry["path"]
-        out_path = ctx.out_dir / entry["path"]
+    for comp in t.selected:
+        in_path, out_path = t.in_path(comp), t.out_path(comp)
         prec = component_precision(comp.kind, p.precision, p.vae_precision)
         model = prepare_graph(in_path, ctx.work_dir / comp.folder, prec == "fp16")
         nodes[comp.key] = {
             "before": len(ou.load_model(in_path, with_data=False).graph.node),
             "after": len(model.graph.node),
         }
-        files = ou.save_model(model, out_path, "auto", restore=False)
+        t.save(comp, model, wanted=prec)
         del model
         # On the saved file: works past the protobuf limit, external data stays where it is.
         onnx.shape_inference.infer_shapes_path(str(out_path), str(out_path), data_prop=True)
-        spec = ou.io_spec(ou.load_model(out_path, with_data=False))
-        problems = ou.spec_mismatches(spec, {k: entry[k] for k in ("inputs", "outputs")}, comp.key)
-        if problems:
-            raise BuildError("prepared graph changed its I/O:\n  " + "\n  ".join(problems))
-        sizes[comp.key] = ou.files_bytes(files)
-        precisions[comp.key] = prec
-        profs[comp.key] = profiles(comp, p, fam.vae_scale_factor, static)
-        ctx.components[comp.key] = {**entry, "precision": prec}
-        module = oc.torch_graph(loaded, comp)
-        cases = oc.parity_cases(
-            module,
-            comp,
-            p.parity.batch_sizes,
-            p.parity.image_sizes,
-            p.parity.seed,
-            fam.vae_scale_factor,
-            static,
-        )
-        report.check(
-            comp.key, ou.cpu_session(out_path), cases, ou.gate_for(fam.components[comp.kind].tolerance, prec)
-        )
-        del module, cases
-    oc.write_layout(ref.path, ctx.out_dir, selected)
-
-    ctx.metrics.update(
-        {"parity": report.metrics(), "bytes": sizes, "total_bytes": sum(sizes.values()), "nodes": nodes}
-    )
-    extra.update(
-        {
-            "precision": p.precision,
-            "component_precision": precisions,
+        t.bytes[comp.key] = ou.files_bytes(ou.model_files(out_path))
+        profs[comp.key] = profiles(comp, p, t.fam.vae_scale_factor, t.static)
+        t.check_parity(comp, p.parity)
+    oc.write_layout(t.ref.path, ctx.out_dir, t.selected)
+    ctx.metrics["nodes"] = nodes
+    t.finish(
+        f"prepare_tensorrt ({p.precision})",
+        details={
             "profiles": profs,
             "profile_params": {"batch": p.batch, "height": p.height, "width": p.width, "cfg": p.cfg},
             "tensorrt_ready": True,
-        }
+        },
     )
-    ctx.extra.update(extra)
-    report.raise_if_failed(f"prepare_tensorrt ({p.precision})")
 
 
 STAGE = Stage(

@@ -22,9 +22,12 @@ from typing import Any
 
 from pydantic import Field
 
-from sdkiln.stages.core import Kind, Stage, StageContext, StageParams, UserError
-from sdkiln.stages.manifest import SCHEMA_VERSION, write_json_atomic
-from sdkiln.stages.publish import REPO_ID_PATTERN, TAG_PATTERN, publish_bundle
+from sdkiln.runtime.contract.digest import write_json_atomic
+from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.layout import Kind
+from sdkiln.runtime.contract.manifest import SCHEMA_VERSION, BundleManifest
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
+from sdkiln.stages.tools.publish.commit import REPO_ID_PATTERN, TAG_PATTERN, publish_bundle
 
 # Named roles, all optional: a recipe wires the steps it wants to publish. The folder each lands in comes
 # from the step's bundle setting, not from the role's name.
@@ -57,44 +60,28 @@ class PublishHubParams(StageParams):
     )
 
 
-def _step_spec(ctx: StageContext, step_id: str) -> dict[str, Any]:
-    for spec in ctx.recipe.get("steps") or []:
-        if isinstance(spec, dict) and spec.get("id") == step_id:
-            return spec
-    raise UserError(f"{ctx.step_id}: input step {step_id!r} is not in the recipe")
-
-
 def section_dir(ctx: StageContext, step_id: str) -> str:
-    """Where a step's output sits in the recipe's bundle: its ``bundle:`` folder, else its stage's default."""
-    from sdkiln.stages.registry import registry
-
-    spec = _step_spec(ctx, step_id)
-    bundle = spec.get("bundle", True)
-    if bundle is False:
-        raise UserError(
-            f"{ctx.step_id}: step {step_id!r} has `bundle: false`; give it a folder (`bundle: onnx/fp32`) to publish it"
-        )
-    if isinstance(bundle, str):
-        return bundle.strip("/")
-    stage = registry().get(spec.get("stage", ""))
-    if stage is None:
-        raise UserError(f"{ctx.step_id}: step {step_id!r} uses unknown stage {spec.get('stage')!r}")
-    folder = stage.bundle_dir(stage.params.model_validate(spec.get("params") or {}))
+    """Where a step's output sits in the recipe's bundle (its ``bundle:`` folder, else its stage's
+    default), as the engine planned it."""
+    if step_id not in ctx.bundle_dirs:
+        raise UserError(f"{ctx.step_id}: input step {step_id!r} is not in the recipe")
+    folder = ctx.bundle_dirs[step_id]
     if not folder:
         raise UserError(
-            f"{ctx.step_id}: stage {stage.name} has no default bundle folder; set `bundle: <folder>` on step {step_id!r}"
+            f"{ctx.step_id}: step {step_id!r} has no bundle folder (`bundle: false`, or its stage has no "
+            f"default); give it one (`bundle: onnx/fp32`) to publish it"
         )
     return folder.strip("/")
 
 
-def assemble_bundle(ctx: StageContext, dest: Path) -> dict[str, Any]:
+def assemble_bundle(ctx: StageContext, dest: Path) -> BundleManifest:
     """Lay the inputs out in ``dest`` as the engine lays out a bundle (section folders, ``recipe.yaml``,
     ``build.lock.json``, ``manifest.json`` with files/sections/lock) and return the manifest.
 
     The engine writes the recipe's bundle only after every step, this one included, so the stage builds
     its own from its inputs; the lock holds the key data of the published steps.
     """
-    from sdkiln.stages.engine import BundlePart, write_bundle_tree
+    from sdkiln.stages.engine.bundle import BundlePart, write_bundle_tree
 
     if not ctx.inputs:
         raise UserError(f"{ctx.step_id}: publish_hub needs at least one input (one of: {', '.join(INPUTS)})")
@@ -117,16 +104,14 @@ def assemble_bundle(ctx: StageContext, dest: Path) -> dict[str, Any]:
         m = inp.manifest
         parts.append(BundlePart(folder, inp.step_id, inp.path, m))
         lock_steps[inp.step_id] = {
-            "stage": m.get("stage") or _step_spec(ctx, inp.step_id).get("stage"),
-            "version": m.get("stage_version"),
-            "params": m.get("params", {}),
-            "inputs": {
-                name: i.get("digest") for name, i in (m.get("inputs") or {}).items() if isinstance(i, dict)
-            },
-            "env": m.get("env", {}),
-            "pins": m.get("pins", {}),
-            "key": m.get("key"),
-            "digest": m.get("digest"),
+            "stage": m.stage,
+            "version": m.stage_version,
+            "params": m.params,
+            "inputs": {name: i.digest for name, i in m.inputs.items()},
+            "env": m.env,
+            "pins": m.pins,
+            "key": m.key,
+            "digest": m.digest,
         }
     lock = {"schema": SCHEMA_VERSION, "recipe": ctx.recipe.get("name", ""), "steps": lock_steps}
     return write_bundle_tree(
@@ -173,9 +158,9 @@ def run(ctx: StageContext) -> None:
         bytes=sum(f.size for f in result.files),
         uploaded_files=len(result.uploads),
         uploaded_bytes=sum(f.size for f in result.uploads),
-        sections=len(manifest["sections"]),
+        sections=len(manifest.sections),
     )
-    ctx.extra.update(repo_id=result.repo_id, commit=result.commit, tag=result.tag, endpoint=result.endpoint)
+    ctx.details.update(repo_id=result.repo_id, commit=result.commit, tag=result.tag, endpoint=result.endpoint)
     ctx.log.info("%s: published %s@%s", ctx.step_id, result.repo_id, result.commit)
 
 

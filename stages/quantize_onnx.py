@@ -38,8 +38,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sdkiln.stages.core import BuildError, Kind, Stage, StageContext, StageParams, UserError
-from sdkiln.stages.onnx_utils import ParityParams
+from sdkiln.runtime.contract.errors import BuildError, UserError
+from sdkiln.runtime.contract.layout import Kind
+from sdkiln.stages.common.onnx.parity import ParityParams
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,11 @@ class QuantizeOnnxParams(StageParams):
         le=1.0,
         description="keep a graph fp32 when int8 shrinks it less than this (int8/fp32 bytes)",
     )
+    require_int8: bool = Field(
+        default=False,
+        description="fail the build when int8 components hold less than half the section's bytes "
+        "(otherwise a warning in the log and the manifest)",
+    )
     parity: ParityParams = ParityParams()
 
     @model_validator(mode="after")
@@ -118,46 +125,28 @@ def collect_calibration(
 ) -> dict[str, list[dict[str, Any]]]:
     """Run the diffusers pipelines over the prompts and sketches; return, per component key, the graph
     feeds it received (UNet/ControlNet every step, text encoders per prompt, VAEs on the results)."""
-    import numpy as np
     import torch
     from PIL import Image
 
-    from sdkiln.stages.families import generation_defaults
+    from sdkiln.runtime.backends import torch_io
+    from sdkiln.runtime.contract.families import generation_defaults
 
     by_key = {c.key: c for c in comps}
     feeds: dict[str, list[dict[str, Any]]] = {k: [] for k in by_key}
-    unet_comp = by_key.get("unet")
     guidance = cal.guidance if cal.guidance is not None else generation_defaults(fam, lcm=lcm).guidance
 
-    def unet_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if unet_comp is None:
-            return
-        x = _forward_args(("sample", "timestep", "encoder_hidden_states"), args, kwargs)
-        feeds["unet"].append(_unet_feeds(unet_comp, x, kwargs))
-
-    def cn_hook(key: str) -> Any:
-        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def hook(key: str) -> Any:
+        def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if key in by_key:
-                x = _forward_args(
-                    ("sample", "timestep", "encoder_hidden_states", "controlnet_cond"), args, kwargs
-                )
-                feeds[key].append(_controlnet_feeds(by_key[key], x, kwargs))
+                feeds[key].append(torch_io.contract_inputs(key, args, kwargs, by_key[key].inputs))
 
-        return hook
+        return record
 
-    def text_hook(key: str) -> Any:
-        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if key in by_key:
-                ids = args[0] if args else kwargs["input_ids"]
-                feeds[key].append({"input_ids": ids.detach().cpu().numpy().astype(np.int32)})
-
-        return hook
-
-    handles = [loaded.pipe.unet.register_forward_pre_hook(unet_hook, with_kwargs=True)]
+    handles = [loaded.pipe.unet.register_forward_pre_hook(hook("unet"), with_kwargs=True)]
     for te in fam.text_encoders:
-        handles.append(getattr(loaded.pipe, te).register_forward_pre_hook(text_hook(te), with_kwargs=True))
+        handles.append(getattr(loaded.pipe, te).register_forward_pre_hook(hook(te), with_kwargs=True))
     for ctype, cn in loaded.controlnets.items():
-        handles.append(cn.register_forward_pre_hook(cn_hook(f"controlnet.{ctype}"), with_kwargs=True))
+        handles.append(cn.register_forward_pre_hook(hook(f"controlnet.{ctype}"), with_kwargs=True))
     latents: list[Any] = []
     try:
         g = torch.Generator().manual_seed(cal.seed)
@@ -206,75 +195,6 @@ def collect_calibration(
         if "taesd_decoder" in feeds:
             feeds["taesd_decoder"].append({"latent_sample": _np(z)})
     return feeds
-
-
-def _forward_args(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    x = dict(zip(names, args, strict=False))
-    for n in names:
-        if n not in x and n in kwargs:
-            x[n] = kwargs[n]
-    return x
-
-
-def _timestep(t: Any, batch: int) -> Any:
-    import numpy as np
-
-    arr = np.asarray(_np(t) if hasattr(t, "detach") else t, dtype=np.float32).reshape(-1)
-    return np.broadcast_to(arr, (batch,)).copy()
-
-
-def _added(kwargs: dict[str, Any], out: dict[str, Any], names: list[str]) -> None:
-    added = kwargs.get("added_cond_kwargs") or {}
-    for n in ("text_embeds", "time_ids"):
-        if n in names:
-            out[n] = _np(added[n])
-
-
-def _unet_feeds(comp: Any, x: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-
-    from sdkiln.stages.families import resolve_shape
-
-    sample = _np(x["sample"])
-    b, _, h, w = sample.shape
-    out = {
-        "sample": sample,
-        "timestep": _timestep(x["timestep"], b),
-        "encoder_hidden_states": _np(x["encoder_hidden_states"]),
-    }
-    names = comp.input_names
-    if "timestep_cond" in names:
-        out["timestep_cond"] = _np(kwargs["timestep_cond"])
-    _added(kwargs, out, names)
-    downs = kwargs.get("down_block_additional_residuals")
-    mid = kwargs.get("mid_block_additional_residual")
-    axes = {"batch": b, "latent_height": h, "latent_width": w}
-    for t in comp.inputs:
-        n = t["name"]
-        if n.startswith("down_block_additional_residual_"):
-            i = int(n.rsplit("_", 1)[1])
-            out[n] = (
-                _np(downs[i]) if downs is not None else np.zeros(resolve_shape(t["shape"], axes), np.float32)
-            )
-        elif n == "mid_block_additional_residual":
-            out[n] = _np(mid) if mid is not None else np.zeros(resolve_shape(t["shape"], axes), np.float32)
-    return out
-
-
-def _controlnet_feeds(comp: Any, x: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-
-    sample = _np(x["sample"])
-    scale = kwargs.get("conditioning_scale", 1.0)
-    out = {
-        "sample": sample,
-        "timestep": _timestep(x["timestep"], sample.shape[0]),
-        "encoder_hidden_states": _np(x["encoder_hidden_states"]),
-        "controlnet_cond": _np(x["controlnet_cond"]),
-        "conditioning_scale": np.asarray([float(scale)], dtype=np.float32),
-    }
-    _added(kwargs, out, comp.input_names)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +247,7 @@ def quantize_graph(src: Path, dst: Path, p: QuantizeOnnxParams, calib: list[dict
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from sdkiln.stages import onnx_utils as ou
+    from sdkiln.stages.common.onnx import io as ou
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     big = (src.parent / ou.EXTERNAL_DATA_FILE).is_file()
@@ -396,38 +316,22 @@ def quantize_graph(src: Path, dst: Path, p: QuantizeOnnxParams, calib: list[dict
 
 
 def run(ctx: StageContext) -> None:
-    from sdkiln.stages import onnx_components as oc
-    from sdkiln.stages import onnx_utils as ou
-    from sdkiln.stages.pipeline_io import open_pipeline
+    from sdkiln.stages.common.onnx import io as ou
+    from sdkiln.stages.common.onnx.transform import GraphTransform
 
     p: QuantizeOnnxParams = ctx.params
-    src = ctx.input("onnx")
-    ref = ctx.input("model")
-    extra = dict(src.manifest.get("extra", {}))
-    comps_in = src.components
-    fam, planned = oc.plan_exported(src, ref)
-    if p.components is None:
-        selected = [c for c in planned if c.key in DEFAULT_COMPONENTS or c.kind in DEFAULT_COMPONENTS]
-    else:
-        selected = oc.select(planned, p.components)
-    not_fp32 = [c.key for c in selected if comps_in[c.key].get("precision", "fp32") != "fp32"]
-    if not_fp32:
-        raise UserError(f"quantize_onnx needs fp32 graphs; {not_fp32} are not fp32")
-    static = extra.get("static")
-    if static and p.mode == "static":
+    t = GraphTransform(ctx, p.components, default=tuple(DEFAULT_COMPONENTS), require_fp32=True)
+    if t.static and p.mode == "static":
         raise UserError(
             "static quantization calibrates on pipeline runs of any shape; quantize a dynamic-shape export"
         )
-
-    ou.copy_non_model_files(src.path, ctx.out_dir)
-    loaded = open_pipeline(ref.path, family=fam.name)
     calib: dict[str, list[dict[str, Any]]] = {}
     if p.mode == "static":
         with ctx.timed("calibration_s"):
             calib = collect_calibration(
-                loaded, fam, selected, p.calibration, ctx.recipe_dir, lcm=bool(extra.get("lcm", False))
+                t.loaded, t.fam, t.selected, p.calibration, ctx.recipe_dir, lcm=t.src.model.lcm
             )
-        empty = [c.key for c in selected if not calib.get(c.key)]
+        empty = [c.key for c in t.selected if not calib.get(c.key)]
         if empty:
             hint = (
                 " (ControlNets are calibrated on calibration.sketches)"
@@ -436,40 +340,29 @@ def run(ctx: StageContext) -> None:
             )
             raise UserError(f"calibration produced no inputs for {empty}{hint}")
 
-    report = ou.ParityReport()
     sizes: dict[str, Any] = {}
     kept: dict[str, str] = {}
-    fp32_total = int8_total = 0
-    for comp in planned:
-        entry = comps_in[comp.key]
-        in_path = src.path / entry["path"]
-        out_path = ctx.out_dir / entry["path"]
-        fp32_bytes = ou.files_bytes(ou.model_files(in_path))
-        if comp not in selected:
-            ou.copy_model(in_path, out_path)
-            ctx.components[comp.key] = dict(entry)
+    for comp in t.planned:
+        if comp not in t.selected:
+            t.copy(comp)
             continue
+        in_path = t.in_path(comp)
+        fp32_bytes = ou.files_bytes(ou.model_files(in_path))
         t0 = time.perf_counter()
         model = quantize_graph(in_path, ctx.work_dir / comp.folder, p, calib.get(comp.key))
-        files = ou.save_model(model, out_path, "auto", restore=False)
-        spec = ou.io_spec(model)
+        files = t.save(comp, model, wanted="int8")
         del model
-        problems = ou.spec_mismatches(spec, {k: entry[k] for k in ("inputs", "outputs")}, comp.key)
-        if problems:
-            raise BuildError("quantized graph changed its I/O:\n  " + "\n  ".join(problems))
         q_bytes = ou.files_bytes(files)
         if q_bytes > p.keep_fp32_above * fp32_bytes:
             # Too few weights for int8 to pay for its scales and extra nodes (TAESD): ship the fp32 graph.
             for f in files:
                 f.unlink()
-            ou.copy_model(in_path, out_path)
+            t.copy(comp)
             kept[comp.key] = (
                 f"int8 would be {q_bytes / fp32_bytes:.2f}x the fp32 bytes (> {p.keep_fp32_above})"
             )
-            ctx.components[comp.key] = dict(entry)
+            t.warnings.append(f"{comp.key}: kept fp32 ({kept[comp.key]})")
             continue
-        fp32_total += fp32_bytes
-        int8_total += q_bytes
         sizes[comp.key] = {
             "fp32_bytes": fp32_bytes,
             "int8_bytes": q_bytes,
@@ -478,43 +371,34 @@ def run(ctx: StageContext) -> None:
         }
         if p.mode == "static":
             sizes[comp.key]["calibration_samples"] = len(calib[comp.key])
-        ctx.components[comp.key] = {**entry, "precision": "int8"}
-        module = oc.torch_graph(loaded, comp)
-        cases = oc.parity_cases(
-            module,
-            comp,
-            p.parity.batch_sizes,
-            p.parity.image_sizes,
-            p.parity.seed,
-            fam.vae_scale_factor,
-            static,
-        )
-        gate = ou.gate_for(fam.components[comp.kind].tolerance, "int8")
-        report.check(comp.key, ou.cpu_session(out_path), cases, gate)
-        del module, cases
+        t.check_parity(comp, p.parity)
 
-    # Every graph of the folder, quantized or kept (tokenizer files excluded: they do not shrink).
-    total_in = ou.files_bytes(f for e in comps_in.values() for f in ou.model_files(src.path / e["path"]))
-    total_out = ou.files_bytes(
-        f for e in ctx.components.values() for f in ou.model_files(ctx.out_dir / e["path"])
-    )
+    # The whole section: every graph, quantized or not, against the fp32 graphs it came from.
+    total_in = ou.files_bytes(f for c in t.planned for f in ou.model_files(t.in_path(c)))
+    total_out = sum(t.bytes.values())
+    int8 = sorted(k for k, v in ctx.components.items() if v["precision"] == "int8")
     ctx.metrics.update(
         {
-            "parity": report.metrics(),
             "sizes": sizes,
-            "quantized_fp32_bytes": fp32_total,
-            "quantized_int8_bytes": int8_total,
-            "size_ratio": round(int8_total / fp32_total, 4) if fp32_total else None,
-            "graphs_fp32_bytes": total_in,
-            "graphs_bytes": total_out,
-            "graphs_size_ratio": round(total_out / total_in, 4),
-            "sqnr_db": {k: v["worst"].get("sqnr_db") for k, v in report.metrics().items()},
+            "fp32_bytes": total_in,
+            "size_ratio": round(total_out / total_in, 4) if total_in else None,
+            "int8_components": int8,
+            "sqnr_db": {k: v["worst"].get("sqnr_db") for k, v in t.report.metrics().items()},
         }
     )
-    extra.update(
-        {
-            "precision": "int8",
-            "component_precision": {k: v.get("precision", "fp32") for k, v in ctx.components.items()},
+    int8_share = sum(t.bytes[k] for k in int8) / total_out if total_out else 0.0
+    if not int8 or int8_share < 0.5:
+        msg = (
+            f"the section is mostly not int8: int8 components {int8 or 'none'} hold {int8_share:.0%} of its "
+            f"bytes ({', '.join(f'{k}: {v}' for k, v in sorted(kept.items())) or 'nothing was kept fp32'})"
+        )
+        if p.require_int8:
+            raise BuildError(f"{ctx.step_id}: {msg}; require_int8 is set")
+        t.warnings.append(msg)
+        logger.warning("%s: %s", ctx.step_id, msg)
+    t.finish(
+        f"quantize_onnx ({p.mode})",
+        details={
             "quantization": {
                 "mode": p.mode,
                 "op_types": list(p.op_types),
@@ -523,11 +407,9 @@ def run(ctx: StageContext) -> None:
                 "activation_type": p.activation_type if p.mode == "static" else "uint8 (dynamic)",
                 "format": "QDQ" if p.mode == "static" else "integer ops",
                 "kept_fp32": kept,
-            },
-        }
+            }
+        },
     )
-    ctx.extra.update(extra)
-    report.raise_if_failed(f"quantize_onnx ({p.mode})")
 
 
 STAGE = Stage(

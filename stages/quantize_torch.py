@@ -29,7 +29,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from sdkiln.stages.core import Kind, ParityError, Stage, StageContext, StageParams
+from sdkiln.runtime.contract.errors import ParityError
+from sdkiln.runtime.contract.layout import Kind
+from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +93,9 @@ def open_quantized_pipeline(folder: Path, family: str) -> Any:
     everything else loaded as usual."""
     import diffusers
 
-    from sdkiln.stages.families import get_family
-    from sdkiln.stages.pipeline_io import CONTROLNET_DIR, VAE_TINY_DIR, LoadedPipeline, pipeline_class
+    from sdkiln.runtime.contract.families import get_family
+    from sdkiln.runtime.contract.layout import CONTROLNET_DIR, VAE_TINY_DIR
+    from sdkiln.stages.common.torch.pipeline import LoadedPipeline, pipeline_class
 
     folder = Path(folder)
     fam = get_family(family)
@@ -125,20 +128,16 @@ def run(ctx: StageContext) -> None:
     import torch
     from optimum.quanto import freeze, quantize
 
-    from sdkiln.stages.pipeline_io import (
-        CONTROLNET_DIR,
-        compare,
-        controlnet_inputs,
-        family_of,
-        open_pipeline,
-        unet_inputs,
-    )
+    from sdkiln.runtime.contract.floors import tolerance
+    from sdkiln.runtime.contract.layout import CONTROLNET_DIR
+    from sdkiln.runtime.contract.metrics import compare
+    from sdkiln.stages.common.torch.pipeline import controlnet_inputs, open_pipeline, unet_inputs
 
     p: QuantizeTorchParams = ctx.params
     model = ctx.input("model")
-    family = family_of(model.manifest)
+    family = model.model.family
     loaded = open_pipeline(model.path, family=family)
-    tol = loaded.family.components["unet"].tolerance
+    tol = tolerance("unet")
     floor = p.min_sqnr_db if p.min_sqnr_db is not None else tol.min_sqnr_db[p.weights]
 
     targets: dict[str, tuple[Any, str]] = {}  # key -> (module, folder relative to the artifact)
@@ -172,7 +171,7 @@ def run(ctx: StageContext) -> None:
             shutil.rmtree(ctx.out_dir / rel)
             after = save_quantized(module, ctx.out_dir / rel)
             reloaded = outputs(key, load_quantized(ctx.out_dir / rel))
-            m, rt = compare(ref, out), compare(out, reloaded)
+            m, rt = compare(ref.detach(), out.detach()), compare(out.detach(), reloaded.detach())
             ctx.metrics[f"{key}.bytes_before"] = before
             ctx.metrics[f"{key}.bytes_after"] = after
             ctx.metrics[f"{key}.sqnr_db"] = round(m["sqnr_db"], 3)
@@ -189,15 +188,14 @@ def run(ctx: StageContext) -> None:
     if failures:
         raise ParityError(f"quantize_torch {p.weights} ({family})", failures)
 
-    ctx.components.update(json.loads(json.dumps(model.components)))
+    ctx.components.update(model.components)
     for key, (_, rel) in targets.items():
         if key in ctx.components:
             ctx.components[key]["precision"] = p.weights
             ctx.components[key]["path"] = rel
-    ctx.extra.update(model.manifest.get("extra", {}))
-    ctx.extra["precision"] = p.weights
-    ctx.extra["quantized"] = sorted(targets)
-    ctx.extra["quantization"] = {"library": "optimum-quanto", "weights": p.weights, "exclude": p.exclude}
+    ctx.model = model.model
+    ctx.details["quantized"] = sorted(targets)
+    ctx.details["quantization"] = {"library": "optimum-quanto", "weights": p.weights, "exclude": p.exclude}
 
 
 STAGE = Stage(

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from sdkiln.runtime.backends.base import ComponentIO, TensorSpec, check_inputs
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.specs import ComponentIO, TensorSpec, check_inputs
 
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
 RESIDUAL = "additional_residual_"

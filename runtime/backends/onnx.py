@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from sdkiln.runtime.backends.base import Component, ComponentIO, TensorSpec, check_inputs
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.backends.base import Component
+from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.specs import ComponentIO, TensorSpec, check_inputs
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,9 @@
 component interface as ONNX Runtime (contract I/O names, numpy in and out).
 
 It exists for parity: the runtime's one denoising loop runs over these components exactly as over the
-ONNX ones, so any difference in the final image comes from the export, not from the loop. Needs the
-build extra (torch, diffusers, transformers); importing this module imports none of them.
+ONNX ones, so any difference in the final image comes from the export, not from the loop. Every module
+is loaded and called through ``torch_io`` (the one PyTorch reference). Needs the build extra (torch,
+diffusers, transformers); importing this module imports none of them.
 
 The I/O spec comes from ``families.component_specs`` filled in from the section's own configs, and
 inputs are checked against it like any other backend's. ``dtype="float16"``/``"bfloat16"`` runs the
@@ -15,30 +16,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sdkiln.runtime.backends.base import ComponentIO, check_inputs
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.backends import torch_io
+from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.families import component_specs, get_family
+from sdkiln.runtime.contract.layout import VAE_KINDS, VAE_TINY_DIR
+from sdkiln.runtime.contract.specs import ComponentIO, check_inputs
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _imports():
-    try:
-        import diffusers
-        import torch
-        import transformers
-    except ImportError as e:
-        raise UserError(
-            f"the torch backend needs the build toolchain ({e.name} is missing): pip install 'sdkiln[build]'"
-        ) from e
-    return torch, diffusers, transformers
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -51,13 +42,14 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 class TorchComponent:
-    """Numpy in, numpy out, around one call into a diffusers/transformers module."""
+    """Numpy in, numpy out, around one contract call of a diffusers/transformers module."""
 
-    def __init__(self, name: str, io: ComponentIO, fn: Callable[..., dict[str, Any]], dtype: Any):
+    def __init__(self, name: str, io: ComponentIO, model: Any, dtype: Any):
         self.name = name
         self.io = io
-        self._fn = fn
+        self.model = model
         self._dtype = dtype
+        self._outputs = list(io.outputs)
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -70,8 +62,8 @@ class TorchComponent:
             for k, v in inputs.items()
         }
         with torch.inference_mode():
-            out = self._fn(**tensors)
-        return {k: v.float().numpy() for k, v in out.items()}
+            out = torch_io.call(self.name, self.model, tensors, self._outputs)
+        return {k: v.float().numpy() for k, v in out.items() if k in self.io.outputs}
 
 
 class TorchBackend:
@@ -82,13 +74,10 @@ class TorchBackend:
     def __init__(
         self, folder: Path, family: str, controlnets: list[str], taesd: bool, dtype: str = "float32"
     ):
-        torch, diffusers, transformers = _imports()
+        torch, diffusers, _ = torch_io.imports()
         if dtype not in DTYPES:
             raise UserError(f"torch dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-        from sdkiln.stages.families import component_specs, get_family
-
-        self._torch = torch
-        self._dt = getattr(torch, dtype)
+        self._dt = dtype
         fam = get_family(family)
         configs = {
             "unet": read_config(folder / "unet" / "config.json"),
@@ -97,48 +86,27 @@ class TorchBackend:
         for te in fam.text_encoders:
             configs[te] = read_config(folder / te / "config.json")
         if taesd:
-            configs["vae_tiny"] = read_config(folder / "vae_tiny" / "config.json")
+            configs[VAE_TINY_DIR] = read_config(folder / VAE_TINY_DIR / "config.json")
         specs = component_specs(
             fam, configs, controlnets=controlnets, taesd=taesd, unet_residual_inputs=bool(controlnets)
         )
         self._io = {k: ComponentIO.from_manifest(v) for k, v in specs.items()}
         self._folder = folder
-        self._family = fam
-        self._controlnets = controlnets
-        self._taesd = taesd
-        self._vae_dt = torch.float32 if configs["vae"].get("force_upcast", True) else self._dt
+        self._vae_dt = "float32" if configs["vae"].get("force_upcast", True) else dtype
         self._modules: dict[str, Any] = {}
         self._components: dict[str, TorchComponent] = {}
         self.description = f"torch {torch.__version__} + diffusers {diffusers.__version__} ({dtype}, CPU)"
+        self.providers: list[str] = ["cpu"]
 
-    # -- loading -----------------------------------------------------------------------------------
+    def _dtype_of(self, component: str) -> str:
+        return self._vae_dt if component in VAE_KINDS else self._dt
 
-    def _module(self, key: str) -> Any:
-        if key in self._modules:
-            return self._modules[key]
-        torch, diffusers, transformers = _imports()
-        folder = self._folder
-        if key == "text_encoder":
-            m = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=self._dt)
-        elif key == "text_encoder_2":
-            m = transformers.CLIPTextModelWithProjection.from_pretrained(
-                folder / "text_encoder_2", torch_dtype=self._dt
-            )
-        elif key == "unet":
-            m = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=self._dt)
-        elif key == "vae":
-            m = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=self._vae_dt)
-        elif key == "vae_tiny":
-            m = diffusers.AutoencoderTiny.from_pretrained(folder / "vae_tiny", torch_dtype=self._vae_dt)
-        elif key.startswith("controlnet."):
-            m = diffusers.ControlNetModel.from_pretrained(
-                folder / "controlnet" / key.split(".", 1)[1], torch_dtype=self._dt
-            )
-        else:  # pragma: no cover - guarded by has()
-            raise KeyError(key)
-        m.eval()
-        self._modules[key] = m
-        return m
+    def _module(self, component: str) -> Any:
+        # Both halves of an autoencoder are one module, loaded once.
+        key = torch_io.module_folder(component) if component in VAE_KINDS else component
+        if key not in self._modules:
+            self._modules[key] = torch_io.load_module(self._folder, component, self._dtype_of(component))
+        return self._modules[key]
 
     def has(self, component: str) -> bool:
         return component in self._io
@@ -147,101 +115,10 @@ class TorchBackend:
         if component not in self._io:
             raise UserError(f"this bundle section has no {component} (it has: {', '.join(sorted(self._io))})")
         if component not in self._components:
-            fn, dt = self._make(component)
-            self._components[component] = TorchComponent(component, self._io[component], fn, dt)
+            import torch
+
+            dtype = getattr(torch, self._dtype_of(component))
+            self._components[component] = TorchComponent(
+                component, self._io[component], self._module(component), dtype
+            )
         return self._components[component]
-
-    def _make(self, name: str) -> tuple[Callable[..., dict[str, Any]], Any]:
-        if name == "text_encoder" or name == "text_encoder_2":
-            model = self._module(name)
-            wants = set(self._io[name].outputs)
-
-            def text(input_ids):
-                out = model(input_ids, output_hidden_states="penultimate_hidden_state" in wants)
-                res = {"last_hidden_state": out.last_hidden_state}
-                if "pooler_output" in wants:
-                    res["pooler_output"] = out.pooler_output
-                if "text_embeds" in wants:
-                    res["text_embeds"] = out.text_embeds
-                if "penultimate_hidden_state" in wants:
-                    res["penultimate_hidden_state"] = out.hidden_states[-2]
-                return res
-
-            return text, self._dt
-        if name == "unet":
-            unet = self._module("unet")
-
-            def run_unet(
-                sample,
-                timestep,
-                encoder_hidden_states,
-                timestep_cond=None,
-                text_embeds=None,
-                time_ids=None,
-                mid_block_additional_residual=None,
-                **residuals,
-            ):
-                downs = [
-                    residuals[f"down_block_additional_residual_{i}"] for i in range(len(residuals))
-                ] or None
-                added = (
-                    {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
-                )
-                out = unet(
-                    sample,
-                    timestep,
-                    encoder_hidden_states,
-                    timestep_cond=timestep_cond,
-                    added_cond_kwargs=added,
-                    down_block_additional_residuals=downs,
-                    mid_block_additional_residual=mid_block_additional_residual,
-                    return_dict=False,
-                )[0]
-                return {"out_sample": out}
-
-            return run_unet, self._dt
-        if name.startswith("controlnet."):
-            cn = self._module(name)
-
-            def run_cn(
-                sample,
-                timestep,
-                encoder_hidden_states,
-                controlnet_cond,
-                conditioning_scale,
-                text_embeds=None,
-                time_ids=None,
-            ):
-                added = (
-                    {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
-                )
-                downs, mid = cn(
-                    sample,
-                    timestep,
-                    encoder_hidden_states,
-                    controlnet_cond,
-                    conditioning_scale=float(conditioning_scale.reshape(-1)[0]),
-                    added_cond_kwargs=added,
-                    return_dict=False,
-                )
-                res = {f"down_block_res_sample_{i}": d for i, d in enumerate(downs)}
-                res["mid_block_res_sample"] = mid
-                return res
-
-            return run_cn, self._dt
-        vae_key = "vae_tiny" if name.startswith("taesd") else "vae"
-        vae = self._module(vae_key)
-        if name.endswith("_encoder"):
-
-            def encode(sample):
-                out = vae.encode(sample)
-                # AutoencoderKL: the posterior mean (contract); AutoencoderTiny: its deterministic latents.
-                latents = out.latents if vae_key == "vae_tiny" else out.latent_dist.mean
-                return {"latent_sample": latents}
-
-            return encode, self._vae_dt
-
-        def decode(latent_sample):
-            return {"sample": vae.decode(latent_sample, return_dict=False)[0]}
-
-        return decode, self._vae_dt

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from sdkiln.runtime.contract.errors import UserError
 from sdkiln.runtime.demo import render_demo
-from sdkiln.stages.core import UserError
 
 pytest.importorskip("torch", reason="the demo renders the PyTorch reference too")
 
@@ -22,7 +22,9 @@ def test_render_demo(tmp_path: Path, tiny_lcm_bundle: Path) -> None:
     assert "![contact sheet](contact_sheet.png)" in text
     for name in names:
         assert f"| {name} |" in text
-        assert (tmp_path / "demo" / f"{name}-onnx_int8.png").is_file()
-    assert "ONNX fp32" in text and "ONNX INT8" in text and "2 steps" in text
+        assert (tmp_path / "demo" / f"{name}-onnx-int8.png").is_file()
+    # Columns are titled by what each section's files hold; the INT8 section keeps its VAEs fp32.
+    assert "onnx/fp32 (fp32)" in text and "onnx/int8 (mixed)" in text and "2 steps" in text
+    assert "| unet | fp32 | int8 |" in text and "| vae_decoder | fp32 | fp32 |" in text
     with pytest.raises(UserError, match="unknown example sketch"):
         render_demo(tiny_lcm_bundle, tmp_path / "demo", sketches=["dog"])

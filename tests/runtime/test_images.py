@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from sdkiln.runtime import examples
+from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.metrics import EXACT_DB, psnr, ssim
 from sdkiln.runtime.images import (
     canny_condition,
     fit,
@@ -18,8 +20,6 @@ from sdkiln.runtime.images import (
     to_pixels,
     to_vae_input,
 )
-from sdkiln.runtime.metrics import PSNR_CAP, psnr, ssim
-from sdkiln.stages.core import UserError
 
 
 def test_scribble_is_white_strokes_on_black_binary_and_fitted() -> None:
@@ -78,7 +78,7 @@ def test_open_image_errors(tmp_path: Path) -> None:
 def test_metrics() -> None:
     rng = np.random.default_rng(0)
     a = rng.random((32, 32, 3))
-    assert psnr(a, a) == PSNR_CAP and ssim(a, a) == pytest.approx(1.0)
+    assert psnr(a, a) == EXACT_DB and ssim(a, a) == pytest.approx(1.0)
     noisy = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
     assert 15 < psnr(a, noisy) < 25
     assert ssim(a, noisy) < ssim(a, np.clip(a + rng.normal(0, 0.01, a.shape), 0, 1)) < 1.0

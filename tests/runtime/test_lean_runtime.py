@@ -19,8 +19,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from testkit import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 HEAVY = (
     "torch",
     "diffusers",

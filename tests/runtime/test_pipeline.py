@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import make_bundle_of
 
 from sdkiln.runtime import load
-from sdkiln.runtime.backends.base import InputSpecError
+from sdkiln.runtime.contract.errors import InputSpecError, UserError
+from sdkiln.runtime.contract.metrics import psnr
 from sdkiln.runtime.examples import PHOTOS, SKETCHES
-from sdkiln.runtime.metrics import psnr
 from sdkiln.runtime.parity import CASES, compare, floor_for, run_case
 from sdkiln.runtime.tasks import sketch_request, text_request
-from sdkiln.stages.core import UserError
 
 torch = pytest.importorskip("torch", reason="the torch reference backend needs the build extra")
 
@@ -165,7 +165,9 @@ def test_size_the_bundle_was_not_exported_for(tmp_path: Path, tiny_bundle: Path,
     shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("int8", "torch"))
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["sections"] = {"onnx/fp32": manifest["sections"]["onnx/fp32"]}
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if k.startswith("onnx/fp32/")}
+    manifest["files"] = {
+        k: v for k, v in manifest["files"].items() if not k.startswith(("onnx/int8/", "torch/"))
+    }
     spec = manifest["sections"]["onnx/fp32"]["components"]["unet"]["inputs"][0]
     spec["shape"] = ["batch", 4, 8, 8]
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -183,7 +185,7 @@ def test_size_the_bundle_was_not_exported_for(tmp_path: Path, tiny_bundle: Path,
 def test_torch_reference_loop_matches_diffusers(tiny_sd15_dir: Path, pipes) -> None:
     """Our numpy loop over the torch components gives diffusers' StableDiffusion(ControlNet)Pipeline images
     for the same initial latents (DPM-Solver++ and CFG are deterministic)."""
-    from sdkiln.stages.pipeline_io import open_pipeline
+    from sdkiln.stages.common.torch.pipeline import open_pipeline
 
     pipe = pipes["torch"]
     loaded = open_pipeline(tiny_sd15_dir, family="sd15")
@@ -232,19 +234,13 @@ def test_torch_reference_loop_matches_diffusers(tiny_sd15_dir: Path, pipes) -> N
 
 def _torch_only_bundle(root: Path, artifact) -> Path:
     """A bundle with just the ``torch/fused`` section: enough for the reference backend."""
-    from sdkiln.stages.manifest import file_table
-
-    shutil.copytree(artifact.path, root / "torch" / "fused")
-    section = {**artifact.manifest, "step": "fused", "stage": "load_pipeline"}
-    manifest = {"name": root.name, "files": file_table(root), "sections": {"torch/fused": section}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return make_bundle_of(root, {"torch/fused": artifact})
 
 
 def test_sd_turbo_defaults_one_step_no_cfg_and_matches_diffusers(
     tmp_path: Path, tiny_sd_turbo_artifact
 ) -> None:
-    from sdkiln.stages.pipeline_io import open_pipeline
+    from sdkiln.stages.common.torch.pipeline import open_pipeline
 
     bundle = _torch_only_bundle(tmp_path / "turbo", tiny_sd_turbo_artifact)
     pipe = load(bundle, backend="torch")
@@ -267,7 +263,7 @@ def test_sd_turbo_defaults_one_step_no_cfg_and_matches_diffusers(
 
 def test_sdxl_conditioning_matches_diffusers(tmp_path: Path, tiny_sdxl_artifact) -> None:
     """Two text encoders (penultimate layers), pooled embeds, time ids, zeroed negative, CFG: as diffusers."""
-    from sdkiln.stages.pipeline_io import open_pipeline
+    from sdkiln.stages.common.torch.pipeline import open_pipeline
 
     bundle = _torch_only_bundle(tmp_path / "sdxl", tiny_sdxl_artifact)
     pipe = load(bundle, backend="torch")
@@ -292,4 +288,4 @@ def test_torch_low_precision_keeps_the_vae_fp32(tiny_bundle: Path) -> None:
     result = pipe.generate(text_request(pipe, "a car", steps=2, seed=1, height=SIZE, width=SIZE))
     assert np.isfinite(result.pixels).all()
     assert pipe.backend._module("unet").dtype == torch.bfloat16
-    assert pipe.backend._module("vae").dtype == torch.float32  # force_upcast: fp16/bf16 VAEs overflow
+    assert pipe.backend._module("vae_decoder").dtype == torch.float32  # force_upcast: fp16/bf16 VAEs overflow

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sdkiln.runtime import schedulers as S
-from sdkiln.stages.core import UserError
+from sdkiln.runtime.contract.errors import UserError
 
 torch = pytest.importorskip("torch", reason="the reference schedulers come from diffusers (build extra)")
 diffusers = pytest.importorskip(

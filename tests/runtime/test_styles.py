@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sdkiln.runtime.contract.errors import UserError
 from sdkiln.runtime.styles import apply_style, styles
-from sdkiln.stages.core import UserError
 
 
 def test_every_preset_has_one_prompt_slot() -> None:

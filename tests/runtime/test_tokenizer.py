@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdkiln.runtime.contract.errors import UserError
 from sdkiln.runtime.tokenizer import ClipTokenizer
-from sdkiln.stages.core import UserError
 
 pytest.importorskip(
     "transformers", reason="the reference tokenizer is transformers' CLIPTokenizer (build extra)"
@@ -30,7 +30,7 @@ LONG = " ".join(["an extremely detailed matte painting of a castle"] * 20)
 
 @pytest.fixture(scope="module", params=["<|endoftext|>", "!"], ids=["pad-eos", "pad-bang"])
 def tokenizers_pair(request, tmp_path_factory):
-    from sdkiln.stages.tokenizer import make_tokenizer, save_tokenizer
+    from sdkiln.stages.common.tokenizer import make_tokenizer, save_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     save_tokenizer(folder, pad_token=request.param)
@@ -64,7 +64,7 @@ def test_long_prompt_is_truncated_with_a_warning(tokenizers_pair, caplog) -> Non
 
 
 def test_pad_token_from_config_and_default(tmp_path: Path) -> None:
-    from sdkiln.stages.tokenizer import write_vocab_files
+    from sdkiln.stages.common.tokenizer import write_vocab_files
 
     write_vocab_files(tmp_path)
     bare = ClipTokenizer.from_folder(tmp_path)  # vocab + merges only, as in a Core ML bundle

@@ -1,0 +1,221 @@
+"""The Hugging Face Hub side of loading: pin a revision, download only the files needed, refuse pickles.
+
+- ``resolve_revision(repo, revision)``: branch/tag -> commit sha (network; falls back to the local cache's
+  ref when offline; a clear UserError naming the repo when neither works).
+- ``download(repo, sha, files)``: exactly those files, from that commit, into the HF cache.
+- ``select_files``: which files of a repo a diffusers pipeline or model needs (safetensors, the
+  requested variant), refusing pickle checkpoints unless allowed.
+
+The endpoint is ``HF_ENDPOINT`` read at call time (huggingface_hub reads it once, at import), so a
+mirror or private hub set in the environment is always honoured; ``endpoint=`` overrides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from sdkiln.runtime.contract.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+PICKLE_RISK = (
+    "pickle checkpoints can run arbitrary code when loaded; use a safetensors copy of the weights, or "
+    "set `allow_pickle: true` in the recipe only for a source you trust"
+)
+CONFIG_FILES = ("model_index.json", "config.json", "scheduler_config.json")
+
+
+def endpoint(explicit: str | None = None) -> str | None:
+    """The Hub endpoint to use: ``explicit``, else ``HF_ENDPOINT`` now, else the library default."""
+    return explicit or os.environ.get("HF_ENDPOINT") or None
+
+
+def _offline_error(repo: str, revision: str, err: Exception) -> UserError:
+    return UserError(
+        f"cannot reach the Hugging Face Hub for repo {repo!r} (revision {revision!r}) and it is not in the "
+        f"local cache: {type(err).__name__}: {_short(err)}. Connect to the network (or set HF_ENDPOINT to "
+        f"a reachable mirror), or download it first with `hf download {repo} --revision {revision}`."
+    )
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _cached_ref(repo: str, revision: str, repo_type: str = "model") -> str | None:
+    """The commit a branch/tag pointed to when the local HF cache last saw it."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}" / "refs" / revision
+    if folder.is_file():
+        sha = folder.read_text().strip()
+        if SHA_RE.match(sha):
+            return sha
+    return None
+
+
+def resolve_revision(repo: str, revision: str = "main", endpoint_url: str | None = None) -> str:
+    """The commit sha a Hub revision (branch, tag or sha) points to now.
+
+    Offline, the sha the local cache recorded for that revision is used (with a warning); with neither
+    network nor cache, a UserError names the repo. A missing repo or revision is a UserError too.
+    """
+    if SHA_RE.match(revision):
+        return revision
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi(endpoint=endpoint(endpoint_url)).model_info(repo, revision=revision)
+    except RevisionNotFoundError as e:
+        raise UserError(f"repo {repo!r} has no revision {revision!r}") from e
+    except RepositoryNotFoundError as e:
+        raise UserError(
+            f"repo {repo!r} not found on the Hub (or it is private: log in with `hf auth login`)"
+        ) from e
+    except Exception as e:  # network down, DNS, offline mode, HTTP 5xx: try the cache before giving up
+        sha = _cached_ref(repo, revision)
+        if sha:
+            logger.warning("Hub unreachable (%s); using cached %s@%s = %s", _short(e), repo, revision, sha)
+            return sha
+        raise _offline_error(repo, revision, e) from e
+    if not info.sha:
+        raise UserError(f"the Hub returned no commit for {repo}@{revision}")
+    return info.sha
+
+
+def list_files(repo: str, sha: str, endpoint_url: str | None = None) -> list[str]:
+    """All file paths of a repo at a commit (network, else the cached snapshot's files)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        # model_info fails at once when the Hub is unreachable; the tree listing (list_repo_files) and
+        # the file downloads retry with backoff for ~25 s first. Downloads only start after this.
+        info = HfApi(endpoint=endpoint(endpoint_url)).model_info(repo, revision=sha)
+        return sorted(s.rfilename for s in info.siblings or [])
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise UserError(f"repo {repo!r} at {sha} not found on the Hub: {_short(e)}") from e
+    except Exception as e:
+        snap = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots" / sha
+        if snap.is_dir():
+            return sorted(str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file())
+        raise _offline_error(repo, sha, e) from e
+
+
+def download(repo: str, sha: str, files: Iterable[str], endpoint_url: str | None = None) -> Path:
+    """Download exactly ``files`` of ``repo`` at commit ``sha``; returns the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    files = sorted(set(files))
+    try:
+        path = snapshot_download(repo, revision=sha, allow_patterns=files, endpoint=endpoint(endpoint_url))
+    except Exception as e:
+        raise _offline_error(repo, sha, e) from e
+    missing = [f for f in files if not (Path(path) / f).is_file()]
+    if missing:
+        raise UserError(f"{repo}@{sha}: files missing after download: {missing}")
+    return Path(path)
+
+
+def is_pickle(path: str | Path) -> bool:
+    """Whether a file name is a pickle-based checkpoint format."""
+    return str(path).lower().endswith(PICKLE_SUFFIXES)
+
+
+def refuse_pickles(folder: Path, allow_pickle: bool, what: str) -> None:
+    """Refuse a folder whose weights are pickle-only (no safetensors beside them) unless allowed."""
+    folder = Path(folder)
+    if allow_pickle or not folder.exists():
+        return
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    pickles = [p for p in files if is_pickle(p)]
+    bad = [p for p in pickles if not any(q.suffix == ".safetensors" for q in p.parent.iterdir())]
+    if bad:
+        names = ", ".join(str(p.relative_to(folder)) for p in bad[:5])
+        raise UserError(f"{what}: refusing pickle checkpoint(s) {names}: {PICKLE_RISK}")
+
+
+def _weight_files(folder_files: list[str], variant: str | None) -> list[str]:
+    """The weight files of one model folder for a variant (``fp16`` ...), safetensors preferred.
+
+    Single files (``model.safetensors``, ``diffusion_pytorch_model.fp16.safetensors``) and sharded ones
+    (an ``*.index.json`` plus its shards) are both handled.
+    """
+
+    def is_variant(name: str) -> bool:
+        # name.<variant>.safetensors, name.<variant>-00001-of-00002.safetensors, ....safetensors.index.json
+        parts = name.split(".")
+        tag = parts[1].split("-")[0] if len(parts) >= 3 else None
+        return tag == variant if variant else tag is None or tag in ("safetensors", "bin")
+
+    def is_model_file(name: str) -> bool:
+        # Only the names diffusers/transformers load; repos also carry other checkpoints (v1-5-pruned...).
+        stem = name.split(".")[0].split("-0")[0]
+        return stem in ("model", "diffusion_pytorch_model")
+
+    picked = []
+    for ext in (".safetensors", ".safetensors.index.json"):
+        for f in folder_files:
+            name = f.split("/")[-1]
+            if name.endswith(ext) and is_model_file(name) and is_variant(name):
+                picked.append(f)
+    return picked
+
+
+def select_files(
+    all_files: list[str],
+    subfolders: Iterable[str] | None,
+    variant: str | None,
+    allow_pickle: bool,
+    repo: str,
+) -> list[str]:
+    """The files needed to load ``subfolders`` of a repo (``None``: the repo root is one model; ``[]``
+    would mean config files only): configs, tokenizer files, and each model's weights of ``variant``.
+
+    A model folder with only pickle weights is refused unless ``allow_pickle`` (then its ``.bin`` files
+    of that variant are taken). Raises UserError naming what is missing.
+    """
+    chosen: list[str] = [f for f in all_files if f in CONFIG_FILES]
+    folders = [""] if subfolders is None else list(subfolders)
+    for sub in folders:
+        prefix = f"{sub}/" if sub else ""
+        here = [f for f in all_files if f.startswith(prefix) and "/" not in f[len(prefix) :]]
+        chosen += [f for f in here if f.split("/")[-1] in CONFIG_FILES]
+        if sub.startswith("tokenizer") or sub == "scheduler":
+            chosen += [f for f in here if f.endswith((".json", ".txt", ".model"))]
+            continue
+        weights = _weight_files(here, variant)
+        if not weights and variant:
+            # Many repos ship fp16 only as a variant and fp32 as the default, or only the default.
+            weights = _weight_files(here, None)
+        if not weights:
+            pickles = [
+                f
+                for f in here
+                if is_pickle(f)
+                and f.split("/")[-1].split(".")[0] in ("model", "diffusion_pytorch_model", "pytorch_model")
+            ]
+            if pickles and not allow_pickle:
+                raise UserError(
+                    f"{repo}: {prefix or 'the repo root'} has only pickle weights ({pickles[0]}): {PICKLE_RISK}"
+                )
+            if not pickles:
+                raise UserError(f"{repo}: no weights found in {prefix or 'the repo root'}")
+            weights = pickles
+        chosen += weights
+    return sorted(set(chosen))
+
+
+def variant_in(files: Iterable[str], variant: str | None) -> str | None:
+    """``variant`` if any of ``files`` is of that variant (else None: the default weights were taken)."""
+    if variant and any(f".{variant}." in f or f".{variant}-" in f for f in files):
+        return variant
+    return None

@@ -1,0 +1,198 @@
+"""export_coreml on the tiny SD 1.5 preset: Apple's layout and names, specs that match the manifest,
+Linux-side parity, and the params' checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from testkit import run_stage
+
+from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.families import controlnet_residual_count, get_family
+from sdkiln.runtime.contract.floors import COREML_TINY_MIN_PSNR_DB
+from sdkiln.stages.common.coreml import io as cio
+from sdkiln.stages.common.coreml import readback as crb
+from sdkiln.stages.engine.core import InputArtifact
+from sdkiln.stages.export_coreml import STAGE, ExportCoremlParams, default_batch
+
+from .conftest import SIZE
+
+SPLIT_PACKAGES = {
+    "text_encoder": "packages/TextEncoder.mlpackage",
+    "controlled_unet": "packages/ControlledUnet.mlpackage",
+    "controlnet.scribble": "packages/controlnet/scribble.mlpackage",
+    "vae_decoder": "packages/VAEDecoder.mlpackage",
+    "vae_encoder": "packages/VAEEncoder.mlpackage",
+}
+
+
+def test_layout_has_apple_names_and_tokenizer_files(coreml_split):
+    out, comps = coreml_split.out, coreml_split.ctx.components
+    assert {k: c["path"] for k, c in comps.items()} == SPLIT_PACKAGES
+    for rel in SPLIT_PACKAGES.values():
+        assert (out / rel / "Manifest.json").is_file()
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    merges = (out / "merges.txt").read_text(encoding="utf-8").splitlines()
+    # The preset ships the real CLIP vocabulary; Apple's BPETokenizer reads exactly these two files.
+    assert len(vocab) == 49408 and vocab["<|endoftext|>"] == 49407 and vocab["a</w>"] == 320
+    assert merges[0].startswith("#version") and len(merges) == 1 + 48894
+    details, facts = coreml_split.ctx.details, coreml_split.ctx.model
+    assert (
+        details["attention"] == "split_einsum" and details["batch"] == 2 and facts.image_size == [SIZE, SIZE]
+    )
+    assert facts.controlnets == ["scribble"] and facts.family == "sd15"
+
+
+@pytest.mark.parametrize("which", ["coreml_split", "coreml_original"])
+def test_packages_reload_and_specs_match_the_manifest(which, request):
+    import coremltools as ct
+
+    built = request.getfixturevalue(which)
+    for key, comp in built.ctx.components.items():
+        path = built.out / comp["path"]
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = model.get_spec()
+        assert spec.WhichOneof("Type") == "mlProgram", key
+        got_in = [crb._feature(f).to_manifest() for f in spec.description.input]
+        got_out = [crb._feature(f).to_manifest() for f in spec.description.output]
+        assert got_in == comp["inputs"] and got_out == comp["outputs"], key
+        assert all(t["dtype"] == "float32" for t in got_in + got_out), key
+        meta = dict(spec.description.metadata.userDefined)
+        assert meta["sdkiln.component"] == key and meta["sdkiln.attention"] == built.ctx.details["attention"]
+
+
+def test_io_names_are_apples(coreml_split):
+    comps = coreml_split.ctx.components
+    names = {
+        k: ([t["name"] for t in c["inputs"]], [t["name"] for t in c["outputs"]]) for k, c in comps.items()
+    }
+    residuals = [f"additional_residual_{i}" for i in range(controlnet_residual_count((32, 64), 2) + 1)]
+    assert names["text_encoder"] == (["input_ids"], ["last_hidden_state", "pooled_outputs"])
+    assert names["controlled_unet"] == (
+        ["sample", "timestep", "encoder_hidden_states", *residuals],
+        ["noise_pred"],
+    )
+    assert names["controlnet.scribble"] == (
+        ["sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale"],
+        residuals,
+    )
+    assert names["vae_decoder"] == (["z"], ["image"])
+    assert names["vae_encoder"] == (["x"], ["latent"])
+    shapes = {t["name"]: t["shape"] for c in comps.values() for t in c["inputs"] + c["outputs"]}
+    assert shapes["encoder_hidden_states"] == [2, 32, 1, 77]  # (B, D, 1, S): Apple's layout
+    assert shapes["input_ids"] == [1, 77] and shapes["sample"] == [2, 4, 8, 8]
+    assert shapes["latent"] == [1, 8, 8, 8]  # the posterior's mean and log-variance, as Swift expects
+    assert shapes["image"] == [1, 3, SIZE, SIZE] and shapes["controlnet_cond"] == [2, 3, SIZE, SIZE]
+    # Apple's Swift ControlNet never passes the scale: it is optional with default 1.
+    scale = next(t for t in comps["controlnet.scribble"]["inputs"] if t["name"] == "conditioning_scale")
+    assert scale["optional"] is True and scale["default"] == 1.0
+
+
+def test_controlnet_outputs_feed_the_controlled_unet(coreml_split):
+    comps = coreml_split.ctx.components
+    outs = {t["name"]: t["shape"] for t in comps["controlnet.scribble"]["outputs"]}
+    unet_in = {t["name"]: t["shape"] for t in comps["controlled_unet"]["inputs"]}
+    assert outs and all(unet_in[n] == s for n, s in outs.items())
+
+
+@pytest.mark.parametrize("which", ["coreml_split", "coreml_original"])
+def test_parity_measured_above_floor_with_weights_read_back(which, request):
+    built = request.getfixturevalue(which)
+    m = built.ctx.metrics
+    for key in built.ctx.components:
+        assert m[f"{key}.psnr_floor_db"] == COREML_TINY_MIN_PSNR_DB["fp16"]
+        assert m[f"{key}.psnr_db"] >= m[f"{key}.psnr_floor_db"], key
+        # Finite: the module really ran with the package's (fp16) weights, not the reference ones.
+        assert np.isfinite(m[f"{key}.psnr_db"]), key
+        # Every weight Core ML stores maps back to its parameter; only GroupNorm/LayerNorm vectors (folded
+        # into other constants) and CLIP's position table (a folded lookup) stay unmatched.
+        assert m[f"{key}.param_fraction_from_package"] > 0.99, key
+        assert m[f"{key}.bits_per_weight"] == 16.0 and m[f"{key}.lut_ops"] == 0, key
+        assert m[f"{key}.bytes"] == cio.package_bytes(built.out / built.ctx.components[key]["path"])
+
+
+def test_attention_implementation_shows_in_the_ops(coreml_split, coreml_original):
+    split, orig = coreml_split.ctx.components, coreml_original.ctx.components
+    # Tiny UNet: 6 transformers x (self + cross) attention x 2 or 4 heads; 2 einsums per head.
+    assert (
+        split["controlled_unet"]["ops"]["einsum"] == 96 and split["controlled_unet"]["ops"]["softmax"] == 48
+    )
+    assert split["controlnet.scribble"]["ops"]["einsum"] == 48
+    assert (
+        "einsum" not in orig["controlled_unet"]["ops"] and "einsum" not in orig["controlnet.scribble"]["ops"]
+    )
+    assert orig["controlled_unet"]["attention"] == "original"
+    # Same interface whichever the attention.
+    for key in ("controlled_unet", "controlnet.scribble"):
+        assert split[key]["inputs"] == orig[key]["inputs"] and split[key]["outputs"] == orig[key]["outputs"]
+
+
+def test_attention_free_components_ignore_mode(tiny_sd15_dir):
+    """Only UNets and ControlNets change with the attention mode, so the original-mode fixture converts
+    just those: the text encoder's and VAE's modules are the same either way."""
+    for key in ("text_encoder", "vae_decoder", "vae_encoder"):
+        model = cio.load_model(tiny_sd15_dir, key)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        a = cio.build_module(key, model, "original", added_cond=False)
+        b = cio.build_module(key, model, "split_einsum", added_cond=False)
+        assert type(a) is type(b) and list(a.state_dict()) == list(b.state_dict())
+        assert all((v == before[k]).all() for k, v in model.state_dict().items())
+
+
+def test_parity_detects_a_wrong_weight(coreml_split, tiny_sd15_dir):
+    """The read-back check is not vacuous: one perturbed weight drops the PSNR below the floor."""
+    plan = cio.plan_component("vae_decoder", {"latent_channels": 4}, 1, (8, 8), 8, added_cond=False)
+    example = cio.example_inputs(plan.inputs, seed=0, vocab_size=49408)
+    reference = cio.run_module(
+        cio.build_module("vae_decoder", cio.load_model(tiny_sd15_dir, "vae_decoder"), "original", False),
+        example,
+    )
+    records = crb.read_weights(coreml_split.out / SPLIT_PACKAGES["vae_decoder"])
+
+    def measured(recs):
+        module = cio.build_module(
+            "vae_decoder", cio.load_model(tiny_sd15_dir, "vae_decoder"), "original", False
+        )
+        report = crb.load_weights_into(module, recs)
+        assert len(report.matched) > 20
+        return cio.psnr(reference[0], cio.run_module(module, example)[0])
+
+    good = measured(records)
+    conv = next(n for n in records if "conv_in_weight" in n)
+    bad = dict(records)
+    bad[conv] = crb.WeightRecord(conv, records[conv].dense * 1.5, records[conv].storage_bits)
+    assert good >= COREML_TINY_MIN_PSNR_DB["fp16"] > measured(bad)
+
+
+def test_default_batch_follows_guidance():
+    assert default_batch(get_family("sd15"), lcm=False) == 2
+    assert default_batch(get_family("sd15"), lcm=True) == 1
+    assert default_batch(get_family("sd-turbo"), lcm=False) == 1
+
+
+def test_params_are_validated():
+    with pytest.raises(ValidationError, match="attention"):
+        ExportCoremlParams(attention="flash")
+    with pytest.raises(ValidationError, match="height"):
+        ExportCoremlParams(height=100)
+    with pytest.raises(ValidationError, match="minimum_deployment_target"):
+        ExportCoremlParams(minimum_deployment_target="iOS15")
+    with pytest.raises(ValidationError, match="components"):
+        ExportCoremlParams(components=())
+    with pytest.raises(ValidationError, match="extra"):
+        ExportCoremlParams(unknown=1)
+
+
+def test_user_errors_before_any_conversion(tiny_sd15_artifact: InputArtifact, tmp_path):
+    with pytest.raises(UserError, match="depth"):
+        run_stage(
+            STAGE, ExportCoremlParams(controlnets=("depth",)), {"model": tiny_sd15_artifact}, tmp_path / "a"
+        )
+    # The tiny UNet halves the latent once: 8x8 latents work, a 72-pixel (9x9 latent) image does not.
+    with pytest.raises(UserError, match="multiples of 16"):
+        run_stage(
+            STAGE, ExportCoremlParams(height=72, width=64), {"model": tiny_sd15_artifact}, tmp_path / "b"
+        )
