@@ -26,9 +26,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[build,dev]'
 	touch $@
 
-test: install ## lint, then the offline test suite (slow/gpu/macos/network tests are opt-in markers)
-	$(VENV)/bin/ruff check stages runtime tests benchmarks
-	$(VENV)/bin/ruff format --check stages runtime tests benchmarks
+test: lint ## lint (ruff, import layering), then the offline test suite (slow/gpu/macos/network are opt-in)
 	$(PY) -m pytest $(ARGS)
 
 test-slow: install ## the real-size tests (minutes, ~10 GB of memory)
@@ -50,9 +48,10 @@ verify: install ## re-hash the bundle of RECIPE against its manifest
 bench: install ## benchmark a bundle: make bench BUNDLE=artifacts/tiny
 	$(SDKILN) bench $(or $(BUNDLE),artifacts/tiny) $(ARGS)
 
-lint: install ## ruff, exactly as CI runs it
+lint: install ## ruff and the import-linter layering contracts, exactly as CI runs them
 	$(VENV)/bin/ruff check stages runtime tests benchmarks
 	$(VENV)/bin/ruff format --check stages runtime tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix stages runtime tests benchmarks

@@ -1,5 +1,8 @@
 """Bundles from the Hugging Face Hub: ``user/repo@rev`` → a local folder of verified, real files.
 
+(One module on purpose: resolving, the snapshot cache and verification are one protocol whose steps
+depend on each other's invariants; split, each half would need the other to be read.)
+
     from sdkiln.runtime.fetch import fetch_bundle
     folder = fetch_bundle("me/sd15-lcm-scribble", "v1", backend="onnx")
 

@@ -228,7 +228,16 @@ class Pipeline:
             guidance=guidance,
             cfg=cfg,
             seed=req.seed,
-            settings={"height": height, "width": width, "scheduler": type(scheduler).__name__},
+            settings={
+                "height": height,
+                "width": width,
+                "scheduler": type(scheduler).__name__,
+                **(
+                    {"scheduler_substituted_for": scheduler.substituted_for}
+                    if getattr(scheduler, "substituted_for", None)
+                    else {}
+                ),
+            },
         )
 
     # -- pieces of the loop -----------------------------------------------------------------------------

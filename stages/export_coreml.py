@@ -42,7 +42,7 @@ from pydantic import Field
 
 from sdkiln.runtime.contract.errors import ParityError, UserError
 from sdkiln.runtime.contract.layout import Kind
-from sdkiln.runtime.contract.manifest import ModelFacts
+from sdkiln.stages.common.coreml.io import psnr_floor
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 ComponentName = Literal["text_encoder", "unet", "controlnet", "vae_decoder", "vae_encoder"]
 DeploymentTarget = Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"]
 # Targets that support per-grouped-channel palettization (coremltools' iOS 18 opset).
-GROUPED_PALETTE_TARGETS = ("iOS18", "macOS15")
 
 
 class ExportCoremlParams(StageParams):
@@ -112,33 +111,6 @@ def default_batch(family: Any, lcm: bool) -> int:
     from sdkiln.runtime.contract.families import generation_defaults
 
     return 1 if generation_defaults(family, lcm).guidance <= 1.0 else 2
-
-
-def family_component(key: str) -> str:
-    """The families-table component a key's tolerances come from."""
-    if key.startswith("controlnet."):
-        return "controlnet"
-    return "unet" if key == "controlled_unet" else key
-
-
-def psnr_floor(key: str, facts: ModelFacts, override: float | None, palettized: bool) -> float:
-    """The parity floor for a component: the recipe's ``min_psnr_db`` if set; for a tiny preset the
-    contract's tiny floors (``floors.COREML_TINY_MIN_PSNR_DB``); else the component's Core ML floor."""
-    from sdkiln.runtime.contract.floors import COREML_TINY_MIN_PSNR_DB, tolerance
-
-    if override is not None:
-        return override
-    if is_tiny(facts):
-        return COREML_TINY_MIN_PSNR_DB["palettized" if palettized else "fp16"]
-    return tolerance(family_component(key)).coreml_min_psnr_db
-
-
-def is_tiny(facts: ModelFacts) -> bool:
-    """Whether an artifact descends from a tiny preset (random test-sized weights)."""
-    from sdkiln.stages.common.torch.presets import PRESETS
-
-    preset = facts.source.get("preset")
-    return preset in PRESETS and PRESETS[preset].size == "tiny"
 
 
 def write_tokenizer_files(tokenizer_dir: Path, out_dir: Path) -> None:

@@ -89,13 +89,6 @@ class ExportOnnxParams(StageParams):
         return self
 
 
-def component_precision(kind: str, precision: str, vae_precision: str) -> str:
-    """The precision one component gets in an export of ``precision``."""
-    from sdkiln.runtime.contract.layout import VAE_KINDS
-
-    return vae_precision if precision == "fp16" and kind in VAE_KINDS else precision
-
-
 def export_graph(
     module: Any, comp: Any, example: dict[str, Any], path: Any, params: ExportOnnxParams
 ) -> None:
@@ -193,7 +186,7 @@ def run(ctx: StageContext) -> None:
         model = ou.load_model(raw)
         expected = comp.spec(static_axes)
         ou.set_io_shapes(model, expected)
-        prec = component_precision(comp.kind, p.precision, p.vae_precision)
+        prec = oc.component_precision(comp.kind, p.precision, p.vae_precision)
         if prec == "fp16":
             model = ou.to_fp16(model)
         out_path = ctx.out_dir / comp.path

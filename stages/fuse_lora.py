@@ -34,8 +34,8 @@ from pydantic import Field, model_validator
 
 from sdkiln.runtime.contract.errors import BuildError, ParityError, UserError
 from sdkiln.runtime.contract.layout import Kind
+from sdkiln.stages.common.hub import REPO_PATTERN
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
-from sdkiln.stages.load_pipeline import REPO_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +110,9 @@ def refs(params: FuseLoraParams) -> dict[str, str]:
 
 def resolve(name: str, ref: str) -> str:
     """Resolve one ``hub:lora.<i>:<repo>`` reference to a commit sha."""
-    from sdkiln.stages.load_pipeline import resolve as resolve_hub
+    from sdkiln.stages.common.hub import resolve_ref
 
-    return resolve_hub(name, ref)
+    return resolve_ref(name, ref)
 
 
 def check(params: FuseLoraParams, recipe_dir: Path) -> list[str]:

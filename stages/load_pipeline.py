@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from pydantic import Field, model_validator
 from sdkiln.runtime.contract.errors import UserError
 from sdkiln.runtime.contract.families import SCHEDULERS
 from sdkiln.runtime.contract.layout import Kind
+from sdkiln.stages.common.hub import REPO_PATTERN
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ FamilyName = Literal["sd15", "sd-turbo", "sdxl", "ssd-1b"]
 Role = Literal[
     "unet", "vae", "vae_tiny", "text_encoder", "text_encoder_2", "controlnet.scribble", "controlnet.canny"
 ]
-REPO_PATTERN = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
 # Model class per overridable role (text encoders take theirs from the family table).
 ROLE_CLASS = {
     "unet": "UNet2DConditionModel",
@@ -129,13 +128,9 @@ def refs(params: LoadPipelineParams) -> dict[str, str]:
 
 def resolve(name: str, ref: str) -> str:
     """Resolve one ``hub:<role>:<repo>`` reference to a commit sha (network; cache when offline)."""
-    from sdkiln.stages.common.hub import resolve_revision
+    from sdkiln.stages.common.hub import resolve_ref
 
-    kind, _, rest = name.partition(":")
-    _, _, repo = rest.partition(":")
-    if kind != "hub" or not re.match(REPO_PATTERN, repo):
-        raise UserError(f"load_pipeline cannot resolve reference {name!r}")
-    return resolve_revision(repo, ref)
+    return resolve_ref(name, ref)
 
 
 def _pinned(ctx: StageContext, role: str, repo: str, revision: str) -> str:

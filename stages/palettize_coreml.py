@@ -1,5 +1,8 @@
 """palettize_coreml: k-means weight palettization of Core ML packages (6 bits by default; 4 and 8 too).
 
+(One stage module of ~550 lines: the k-means palette, the mixed-bit search and chunking are only used
+here, and the house style keeps a stage's own algorithms beside its ``run``.)
+
 Recipe step::
 
     - id: coreml6
@@ -380,8 +383,8 @@ def run(ctx: StageContext) -> None:
     from sdkiln.runtime.contract.families import get_family
     from sdkiln.stages.common.coreml import io as cio
     from sdkiln.stages.common.coreml import readback as crb
+    from sdkiln.stages.common.coreml.io import GROUPED_PALETTE_TARGETS, psnr_floor
     from sdkiln.stages.common.torch.pipeline import read_configs
-    from sdkiln.stages.export_coreml import GROUPED_PALETTE_TARGETS, psnr_floor
 
     p: PalettizeCoremlParams = ctx.params
     src = ctx.input("coreml")

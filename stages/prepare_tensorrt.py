@@ -133,7 +133,6 @@ def run(ctx: StageContext) -> None:
     from sdkiln.stages.common.onnx import io as ou
     from sdkiln.stages.common.onnx.transform import GraphTransform
     from sdkiln.stages.common.torch.pipeline import read_configs
-    from sdkiln.stages.export_onnx import component_precision
 
     p: PrepareTensorrtParams = ctx.params
     t = GraphTransform(ctx, p.components, require_fp32=True)
@@ -144,7 +143,7 @@ def run(ctx: StageContext) -> None:
     nodes: dict[str, Any] = {}
     for comp in t.selected:
         in_path, out_path = t.in_path(comp), t.out_path(comp)
-        prec = component_precision(comp.kind, p.precision, p.vae_precision)
+        prec = oc.component_precision(comp.kind, p.precision, p.vae_precision)
         model = prepare_graph(in_path, ctx.work_dir / comp.folder, prec == "fp16")
         nodes[comp.key] = {
             "before": len(ou.load_model(in_path, with_data=False).graph.node),

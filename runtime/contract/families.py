@@ -1,5 +1,7 @@
 """Model families as data: SD 1.5, SDXL, SSD-1B and SD-Turbo.
 
+(One module of ~540 lines on purpose: it is a table, and the families read best side by side.)
+
 Everything that differs between families lives in the ``FAMILIES`` table: components and their I/O
 specs (names, shapes, dtypes, dynamic axes), latent channels and VAE scale factor, default scheduler,
 default steps/guidance and tokenizer settings. Code elsewhere reads the

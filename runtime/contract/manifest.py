@@ -346,7 +346,9 @@ def verify_bundle_sections(
 
     report = verify_files(root, manifest.files, memo, only=in_use, extras=False)
     if not report.ok:
-        problems = [f"{p}: missing" for p in report.missing] + [f"{p}: {report.why[p]}" for p in report.changed]
+        problems = [f"{p}: missing" for p in report.missing] + [
+            f"{p}: {report.why[p]}" for p in report.changed
+        ]
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise CorruptArtifactError(
             f"{root}: bundle is corrupted, {len(problems)} bad file(s):\n  " + "\n  ".join(shown)

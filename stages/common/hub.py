@@ -23,6 +23,8 @@ from sdkiln.runtime.contract.errors import UserError
 logger = logging.getLogger(__name__)
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+# owner/name of a Hub repo, as recipes write it
+REPO_PATTERN = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 PICKLE_RISK = (
     "pickle checkpoints can run arbitrary code when loaded; use a safetensors copy of the weights, or "
@@ -219,3 +221,13 @@ def variant_in(files: Iterable[str], variant: str | None) -> str | None:
     if variant and any(f".{variant}." in f or f".{variant}-" in f for f in files):
         return variant
     return None
+
+
+def resolve_ref(name: str, ref: str) -> str:
+    """Resolve one ``hub:<role>:<repo>`` reference (what a stage's ``refs`` returns) to a commit sha
+    (network; the cached ref when offline)."""
+    kind, _, rest = name.partition(":")
+    _, _, repo = rest.partition(":")
+    if kind != "hub" or not re.match(REPO_PATTERN, repo):
+        raise UserError(f"cannot resolve reference {name!r} (expected hub:<role>:<owner/name>)")
+    return resolve_revision(repo, ref)

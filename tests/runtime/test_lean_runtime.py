@@ -99,6 +99,7 @@ img = pipe.sketch(SKETCHES["car"](), "a red sports car", steps=2, seed=1, height
 heavy = {heavy!r}
 print(json.dumps({{
     "size": list(img.size),
+    "build_side": sorted(m for m in sys.modules if m == "sdkiln.stages" or m.startswith("sdkiln.stages.")),
     "imported": sorted({{m.split(".")[0] for m in sys.modules}} & set(heavy)),
     "installed": sorted(h for h in heavy if importlib.util.find_spec(h) is not None),
     "backend": pipe.backend.description,
@@ -129,4 +130,5 @@ def test_sketch_on_onnx_in_a_fresh_runtime_only_venv(tmp_path: Path, tiny_bundle
     assert report["size"] == [64, 64]
     assert report["installed"] == [], f"the runtime venv has build packages: {report['installed']}"
     assert report["imported"] == []
+    assert report["build_side"] == [], "running the ONNX backend imported the build side"
     assert report["backend"].startswith("onnxruntime")

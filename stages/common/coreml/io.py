@@ -37,13 +37,43 @@ from sdkiln.runtime.contract.layout import (
     chunk_relpaths,
     package_relpath,
 )
+from sdkiln.runtime.contract.manifest import ModelFacts
 from sdkiln.runtime.contract.metrics import compare
 from sdkiln.stages.common.coreml.attention import apply_attention
 
 logger = logging.getLogger(__name__)
 
+# Deployment targets whose Core ML runs per-grouped-channel palettes (one lookup table per group).
+GROUPED_PALETTE_TARGETS = ("iOS18", "macOS15")
 RESIDUAL_PREFIX = "additional_residual_"  # ControlNet outputs = ControlledUnet inputs, mid residual last
 TEXT_SEQ_LEN = 77  # CLIP's context: the token axis of every encoder_hidden_states
+
+
+def family_component(key: str) -> str:
+    """The families-table component a key's tolerances come from."""
+    if key.startswith("controlnet."):
+        return "controlnet"
+    return "unet" if key == "controlled_unet" else key
+
+
+def psnr_floor(key: str, facts: ModelFacts, override: float | None, palettized: bool) -> float:
+    """The parity floor for a component: the recipe's ``min_psnr_db`` if set; for a tiny preset the
+    contract's tiny floors (``floors.COREML_TINY_MIN_PSNR_DB``); else the component's Core ML floor."""
+    from sdkiln.runtime.contract.floors import COREML_TINY_MIN_PSNR_DB, tolerance
+
+    if override is not None:
+        return override
+    if is_tiny(facts):
+        return COREML_TINY_MIN_PSNR_DB["palettized" if palettized else "fp16"]
+    return tolerance(family_component(key)).coreml_min_psnr_db
+
+
+def is_tiny(facts: ModelFacts) -> bool:
+    """Whether an artifact descends from a tiny preset (random test-sized weights)."""
+    from sdkiln.stages.common.torch.presets import PRESETS
+
+    preset = facts.source.get("preset")
+    return preset in PRESETS and PRESETS[preset].size == "tiny"
 
 
 def package_bytes(path: Path) -> int:

@@ -120,6 +120,11 @@ def plan_components(
     return fam, comps
 
 
+def component_precision(kind: str, precision: str, vae_precision: str) -> str:
+    """The precision one component gets in an export of ``precision``."""
+    return vae_precision if precision == "fp16" and kind in VAE_KINDS else precision
+
+
 def select(comps: list[Component], wanted: list[str] | None) -> list[Component]:
     """The components named in ``wanted`` (keys like ``unet``, ``controlnet.scribble``, or a kind like
     ``controlnet`` for all of them); all when None. Unknown names are a UserError."""

@@ -13,8 +13,9 @@ method in full.
 
 from sdkiln.stages.tools.bench.machine import ISA_FLAGS, machine_facts
 from sdkiln.stages.tools.bench.measure import judge, make_inputs, parity, parity_floor, summarize
+from sdkiln.stages.tools.bench.memory import plan_groups
 from sdkiln.stages.tools.bench.report import README_START, TARGET_RATIO, recommend, to_markdown, write_results
-from sdkiln.stages.tools.bench.run import plan_groups, run_bench
+from sdkiln.stages.tools.bench.run import run_bench
 from sdkiln.stages.tools.bench.variants import (
     SCHEMA,
     BenchConfig,

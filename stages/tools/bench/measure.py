@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from typing import Any
@@ -10,6 +11,9 @@ from sdkiln.stages.tools.bench.variants import base_component
 
 # --------------------------------------------------------------------------------------------------
 # Inputs, parity and statistics (parent side, numpy only)
+
+
+logger = logging.getLogger(__name__)
 
 
 def make_inputs(
@@ -118,3 +122,8 @@ def summarize(samples: list[float]) -> dict[str, Any]:
         "max_s": max(samples),
         "samples_s": list(samples),
     }
+
+
+def record_error(errors: list[dict[str, Any]], variant: str, what: str, stage: str, e: Exception) -> None:
+    logger.warning("%s on %s failed at %s: %s", variant, what, stage, str(e).splitlines()[0])
+    errors.append({"variant": variant, "component": what, "stage": stage, "error": str(e)})

@@ -6,22 +6,27 @@ import contextlib
 import datetime as _dt
 import json
 import logging
-import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from sdkiln.runtime.contract.errors import UserError
-from sdkiln.stages.tools.bench.machine import _read, default_threads, machine_facts
-from sdkiln.stages.tools.bench.measure import judge, make_inputs, parity, parity_floor, psnr, summarize
+from sdkiln.stages.tools.bench.machine import default_threads, machine_facts
+from sdkiln.stages.tools.bench.measure import (
+    judge,
+    make_inputs,
+    parity,
+    parity_floor,
+    record_error,
+    summarize,
+)
+from sdkiln.stages.tools.bench.memory import estimate_bytes, interleave, memory_budget, plan_groups
 from sdkiln.stages.tools.bench.report import _fmt_bytes, _fmt_s, recommend
+from sdkiln.stages.tools.bench.tasks import bench_tasks
 from sdkiln.stages.tools.bench.variants import (
     _MEMORY_METHOD,
     SCHEMA,
-    TASK_COMPONENTS,
-    TASKS,
-    TORCH_VARIANTS,
     BenchConfig,
     Bundle,
     Variant,
@@ -31,7 +36,6 @@ from sdkiln.stages.tools.bench.variants import (
     available_variants,
     component_label,
     select_variants,
-    torch_folder,
 )
 from sdkiln.stages.tools.bench.worker import WorkerError, _Pool, _setup, measure_peak
 
@@ -100,7 +104,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         task_rows = []
         t0 = time.perf_counter()
         if config.tasks:
-            task_rows = _bench_tasks(bundle, variants, config, pool, size, budget, errors, skipped)
+            task_rows = bench_tasks(bundle, variants, config, pool, size, budget, errors, skipped)
         phases["tasks_s"] = time.perf_counter() - t0
 
     report = {
@@ -144,73 +148,6 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     }
     report["recommendation"] = recommend(report)
     return report
-
-
-# --------------------------------------------------------------------------------------------------
-# Interleaving and memory groups
-
-WORKER_OVERHEAD_BYTES = 600 * 2**20  # interpreter, libraries and activations per worker (estimate)
-ORT_WEIGHT_FACTOR = 1.5  # ONNX Runtime keeps prepacked copies of MatMul weights beside the originals
-
-
-def estimate_bytes(bundle: Bundle, v: Variant, components: list[str]) -> int:
-    """What holding ``components`` costs a variant's worker, roughly: weights on disk (times ORT's
-    prepacking factor) plus a fixed per-worker overhead. Only used to keep co-resident variants
-    inside the memory budget; the report's memory numbers are measured."""
-    folders: dict[str, int] = {}
-    for c in components:
-        if v.backend == "onnxruntime":
-            folders[c] = int(ORT_WEIGHT_FACTOR * artifact_bytes(bundle, v, c))
-        else:  # a VAE folder serves encoder and decoder: count it once
-            folders[torch_folder(c)] = artifact_bytes(bundle, v, c)
-    return sum(folders.values()) + WORKER_OVERHEAD_BYTES
-
-
-def plan_groups(reference: str, estimates: dict[str, int], budget: int) -> list[list[str]]:
-    """Split the variants into groups that fit ``budget`` together with the reference, which is in
-    every group (each variant is interleaved with a reference measured beside it). Order is kept."""
-    groups: list[list[str]] = []
-    current, used = [reference], estimates[reference]
-    for name, need in estimates.items():
-        if name == reference:
-            continue
-        if used + need > budget and len(current) > 1:
-            groups.append(current)
-            current, used = [reference], estimates[reference]
-        current.append(name)
-        used += need
-    groups.append(current)
-    return groups
-
-
-def memory_budget(config: BenchConfig) -> int:
-    """Bytes the co-resident workers may use: ``--memory-budget`` or 80% of MemAvailable now."""
-    if config.memory_budget_gb:
-        return int(config.memory_budget_gb * 2**30)
-    m = re.search(r"MemAvailable:\s+(\d+) kB", _read("/proc/meminfo"))
-    return int(0.8 * int(m.group(1)) * 1024) if m else 2**40
-
-
-def _interleave(
-    calls: dict[str, Any], config: BenchConfig, failed: set[str], on_error: Any
-) -> dict[str, list[Any]]:
-    """Warm-up rounds, then timed rounds; each round calls every member once, in order (A B C A B C).
-    A member that fails is dropped from later rounds; ``on_error(name, exc)`` records it."""
-    out: dict[str, list[Any]] = {name: [] for name in calls}
-    for i in range(config.warmup + config.repeat):
-        for name, fn in calls.items():
-            if name in failed:
-                continue
-            time.sleep(config.settle_s)
-            try:
-                value = fn()
-            except WorkerError as e:
-                failed.add(name)
-                on_error(name, e)
-                continue
-            if i >= config.warmup:
-                out[name].append(value)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +241,7 @@ def _bench_component(
 
     def on_error(stage: str) -> Any:
         def record(name: str, e: Exception) -> None:
-            _record_error(errors, name, component, stage, e)
+            record_error(errors, name, component, stage, e)
 
         return record
 
@@ -322,7 +259,7 @@ def _bench_component(
         calls = {
             n: (lambda w=pool.get(n): w.call("run", n=1)[0]) for n in group if n in loaded and n not in failed
         }
-        got = _interleave(calls, config, failed, on_error("run"))
+        got = interleave(calls, config, failed, on_error("run"))
         if ref_name in failed:
             return None
         samples.setdefault(ref_name, []).extend(got[ref_name])
@@ -359,7 +296,7 @@ def _bench_component(
     try:  # after the memory readings: classic attention's score matrices are not the reference's cost
         flops = pool.get(ref_name).call("flops")
     except WorkerError as e:
-        _record_error(errors, ref_name, component, "flops", e)
+        record_error(errors, ref_name, component, "flops", e)
     with contextlib.suppress(WorkerError):
         pool.get(ref_name).call("unload")
 
@@ -428,251 +365,3 @@ def _precision(bundle: Bundle, v: Variant, component: str) -> str:
 
 def _peak_dtype(precision: str) -> str:
     return "int8" if precision.startswith("int8") else "bf16" if precision == "bf16" else "fp32"
-
-
-def _record_error(errors: list[dict[str, Any]], variant: str, what: str, stage: str, e: Exception) -> None:
-    logger.warning("%s on %s failed at %s: %s", variant, what, stage, str(e).splitlines()[0])
-    errors.append({"variant": variant, "component": what, "stage": stage, "error": str(e)})
-
-
-def runtime_gap() -> str | None:
-    """Why the runtime cannot run tasks here (None: it can)."""
-    try:
-        from sdkiln.runtime import load as _load  # noqa: F401
-        from sdkiln.runtime.tasks import edit_request, sketch_request, text_request  # noqa: F401
-    except ImportError as e:
-        return f"sdkiln.runtime is not usable here ({e})"
-    return None
-
-
-@dataclass(frozen=True)
-class TaskRun:
-    """One end-to-end configuration: a runtime backend over a section, with the full VAE or TAESD.
-    ``worker`` names the variant whose process runs it (a +taesd run shares its base's sessions)."""
-
-    name: str
-    worker: str
-    backend: str  # runtime backend: "torch" | "onnx"
-    section: str
-    dtype: str
-    vae: str  # "full" | "tiny"
-
-
-def _task_runs(bundle: Bundle, variants: list[Variant], config: BenchConfig) -> list[TaskRun]:
-    out = []
-    for v in variants:
-        if v.backend == "torch":
-            dtype = TORCH_VARIANTS[v.name].runtime_dtype if v.name in TORCH_VARIANTS else None
-            if dtype is not None:
-                out.append(TaskRun(v.name, v.name, "torch", v.section, dtype, "full"))
-        elif v.settings.get("preset", "default") == "default":  # the runtime has no session presets
-            out.append(TaskRun(v.name, v.name, "onnx", v.section, "float32", "full"))
-            if config.taesd_e2e and "taesd_decoder" in bundle.components(v.section):
-                out.append(TaskRun(f"{v.name}+taesd", v.name, "onnx", v.section, "float32", "tiny"))
-    return out
-
-
-def _task_params(
-    task: str, bundle: Bundle, config: BenchConfig, size: int
-) -> tuple[dict[str, Any] | None, str]:
-    """The request a task benchmark makes, or None and why the bundle cannot run it."""
-    comps: set[str] = set()
-    for s in bundle.sections:
-        comps |= set(bundle.components(s))
-    common = {"steps": config.steps, "seed": config.seed, "height": size, "width": size}
-    if task == "sketch":
-        if "controlnet.scribble" not in comps:
-            return None, "the bundle has no scribble ControlNet"
-        return {**common, "prompt": "a lighthouse on a cliff, watercolor"}, ""
-    if task == "text":
-        return {**common, "prompt": "a lighthouse on a cliff at dusk, oil painting"}, ""
-    if task == "edit":
-        control = "canny" if "controlnet.canny" in comps else None
-        return {**common, "prompt": "the same scene in winter", "strength": 0.6, "control": control}, ""
-    raise UserError(f"unknown task {task!r}; choose from: {', '.join(TASKS)}")
-
-
-def _bench_tasks(
-    bundle: Bundle,
-    variants: list[Variant],
-    config: BenchConfig,
-    pool: _Pool,
-    size: int,
-    budget: int,
-    errors: list[dict[str, Any]],
-    skipped: list[dict[str, str]],
-) -> list[dict[str, Any]]:
-    gap = runtime_gap()
-    if gap:
-        skipped.append({"variant": "tasks", "reason": gap})
-        logger.warning("end-to-end tasks skipped: %s", gap)
-        return []
-    runs = _task_runs(bundle, variants, config)
-    if config.reference not in [r.name for r in runs]:
-        skipped.append(
-            {"variant": "tasks", "reason": f"the runtime has no configuration for {config.reference}"}
-        )
-        return []
-    # A variant's component worker serves its end-to-end runs too (one import of torch per variant).
-    pool.start([(r.worker, {"variant": None, "use_torch": r.backend == "torch"}) for r in runs])
-    by_name = {v.name: v for v in variants}
-    rows = []
-    for task in config.tasks:
-        params, why = _task_params(task, bundle, config, size)
-        if params is None:
-            skipped.append({"variant": f"task {task}", "reason": why})
-            continue
-        row = _bench_task(task, params, bundle, runs, by_name, pool, config, budget, errors)
-        if row is not None:
-            rows.append(row)
-    return rows
-
-
-def _bench_task(
-    task: str,
-    params: dict[str, Any],
-    bundle: Bundle,
-    runs: list[TaskRun],
-    variants: dict[str, Variant],
-    pool: _Pool,
-    config: BenchConfig,
-    budget: int,
-    errors: list[dict[str, Any]],
-) -> dict[str, Any] | None:
-    """One task: each worker loads a fresh pipeline (only this task's components get loaded), the
-    runs take turns, then the workers drop their pipelines before the next group or task."""
-    from sdkiln.runtime.contract.families import get_family
-
-    ref_name = config.reference
-    ref_worker = next(r.worker for r in runs if r.name == ref_name)
-    tes = list(get_family(bundle.family()).text_encoders)
-    used = [*tes, *(c for c in TASK_COMPONENTS[task] if c != "controlnet.canny" or params.get("control"))]
-    workers = list(dict.fromkeys(r.worker for r in runs))
-    estimates = {
-        w: estimate_bytes(
-            bundle, variants[w], [c for c in used if c in bundle.components(variants[w].section)]
-        )
-        for w in workers
-    }
-    groups = plan_groups(ref_worker, estimates, budget)
-    failed: set[str] = set()
-    samples: dict[str, list[dict[str, Any]]] = {}
-    ref_samples: dict[str, list[float]] = {}
-    pixels: dict[str, Any] = {}
-    mems: dict[str, dict[str, Any]] = {}
-    loaded: set[str] = set()
-
-    def record(stage: str) -> Any:
-        return lambda name, e: _record_error(errors, name, f"task {task}", stage, e)
-
-    for gi, group in enumerate(groups):
-        for w_name in group:
-            if w_name in loaded:
-                continue
-            wr = [r for r in runs if r.worker == w_name]
-            try:
-                pool.get(w_name).call(
-                    "load_runtime",
-                    backend=wr[0].backend,
-                    section=wr[0].section,
-                    dtype=wr[0].dtype,
-                    vaes=[r.vae for r in wr],
-                )
-                loaded.add(w_name)
-            except WorkerError as e:
-                failed.update(r.name for r in wr)
-                record("load")(w_name, e)
-        members = [r for r in runs if r.worker in group and r.name not in failed]
-        calls = {
-            r.name: (
-                lambda w=pool.get(r.worker), vae=r.vae: w.call("run_task", task=task, params=params, vae=vae)
-            )
-            for r in members
-        }
-        got = _interleave(calls, config, failed, record("run"))
-        if ref_name in failed:
-            return None
-        samples.setdefault(ref_name, []).extend(got[ref_name])
-        ref_times = [x["seconds"] for x in got[ref_name]]
-        for r in members:
-            if r.name in failed or r.name == ref_name:
-                continue
-            samples[r.name] = got[r.name]
-            ref_samples[r.name] = ref_times
-        for r in members:
-            if r.name in failed or r.name in pixels:
-                continue
-            try:
-                pixels[r.name] = pool.get(r.worker).call("task_pixels", vae=r.vae)
-            except WorkerError as e:
-                failed.add(r.name)
-                record("outputs")(r.name, e)
-        for w_name in group:
-            if w_name not in loaded or (w_name == ref_worker and gi < len(groups) - 1):
-                continue
-            w = pool.get(w_name)
-            try:
-                mem = w.call("memory")
-            except WorkerError as e:
-                record("memory")(w_name, e)
-                mem = {}
-            for r in runs:
-                if r.worker == w_name:
-                    mems[r.name] = {**mem, "memory_shared_with": [x.name for x in runs if x.worker == w_name]}
-            with contextlib.suppress(WorkerError):
-                w.call("unload")
-            loaded.discard(w_name)
-    if ref_name not in pixels:
-        return None
-    ref_samples[ref_name] = [x["seconds"] for x in samples[ref_name]]
-    rows = []
-    for r in runs:
-        if r.name not in pixels or r.name not in samples:
-            continue
-        seconds = [x["seconds"] for x in samples[r.name]]
-        stats = summarize(seconds)
-        ref_median = statistics.median(ref_samples[r.name])
-        stages = {
-            k: statistics.median(x["timings"][k] for x in samples[r.name] if k in x["timings"])
-            for k in sorted({k for x in samples[r.name] for k in x["timings"]})
-        }
-        rows.append(
-            {
-                "variant": r.name,
-                "backend": r.backend,
-                "section": r.section,
-                "dtype": r.dtype,
-                "vae": r.vae,
-                "group": next(i for i, g in enumerate(groups) if r.worker in g),
-                **stats,
-                "reference_samples_s": ref_samples[r.name],
-                "reference_median_s": ref_median,
-                "ratio_to_reference": stats["median_s"] / ref_median,
-                "stages_median_s": stages,
-                "psnr_db_vs_reference": psnr(pixels[ref_name], pixels[r.name]),
-                **mems.get(r.name, {}),
-            }
-        )
-    logger.info(
-        "task %s: %s",
-        task,
-        "  ".join(f"{r['variant']} {_fmt_s(r['median_s'])} ({r['ratio_to_reference']:.2f}x)" for r in rows),
-    )
-    best = min(rows, key=lambda r: r["ratio_to_reference"])
-    return {
-        "task": task,
-        "params": params,
-        "reference": ref_name,
-        "reference_median_s": statistics.median(ref_samples[ref_name]),
-        "groups": groups,
-        "memory_estimates_bytes": estimates,
-        "results": rows,
-        "fastest": best["variant"],
-        "fastest_ratio": best["ratio_to_reference"],
-        "notes": "peak RSS: the worker's, over loading this task's pipeline(s) and every call of the task; "
-        "a +taesd run shares its base's process and sessions, so they share one reading. PSNR of a +taesd "
-        "run compares a different decoder (TAESD) with the reference's full VAE.",
-    }
-
-
-# The issue's speed target: the best CPU configuration at <= 0.33x the PyTorch eager fp32 time.

@@ -1,4 +1,9 @@
-"""Worker processes, one per variant: the parent side (Worker, a pool) and the child side that serves requests (``python -m sdkiln.stages.tools.bench.worker``)."""
+"""Worker processes, one per variant: the parent side (Worker, a pool) and the child side that serves
+requests (``python -m sdkiln.stages.tools.bench.worker``).
+
+(Both sides in one module on purpose: they speak one pickle protocol of (op, kwargs) requests, and each
+request's parent call and child handler are easiest to check side by side.)
+"""
 
 from __future__ import annotations
 
