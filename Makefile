@@ -11,7 +11,7 @@ ARGS ?=
 # The venv is (re)built when the dependency pins or the package definition change.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install test test-slow demo build plan verify bench lint format clean
+.PHONY: help install test test-slow demo build plan verify bench lint format clean gpu-wheels gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,21 @@ verify: install ## re-hash the bundle of RECIPE against its manifest
 
 bench: install ## benchmark a bundle: make bench BUNDLE=artifacts/tiny
 	$(SDKILN) bench $(or $(BUNDLE),artifacts/tiny) $(ARGS)
+
+# The NVIDIA check runs on a GPU machine's own CUDA PyTorch (not this venv's CPU build); packages that
+# machine lacks travel as wheels in .whl/ (`make gpu-wheels` where pip reaches an index).
+GPU_PYTHON ?= python3
+GPU_PY_VERSION ?= 3.12
+GPU_WHEELS ?= diffusers==0.42.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 importlib-metadata==10.2.0 zipp==4.1.2
+
+gpu-wheels: install ## download the wheels gpu-check installs on a GPU machine with no index into .whl/
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY_VERSION) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+gpu-check: ## on an NVIDIA GPU: tiny engines, parity of each GPU backend, real-size timings (artifacts/gpu-check)
+	$(GPU_PYTHON) stages/gpu_check.py --out artifacts/gpu-check --wheels .whl $(ARGS)
 
 lint: install ## ruff and the import-linter layering contracts, exactly as CI runs them
 	$(VENV)/bin/ruff check stages runtime tests benchmarks

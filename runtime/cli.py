@@ -32,7 +32,11 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     p.add_argument("task", choices=TASKS)
     p.add_argument("--model", required=True, help="bundle folder (or Hub repo owner/name[@rev])")
-    p.add_argument("--backend", default="onnx", help="onnx (default), torch (PyTorch reference) or coreml")
+    p.add_argument(
+        "--backend",
+        default="onnx",
+        help="onnx (default), torch (PyTorch reference), coreml, tensorrt or torch_cuda (NVIDIA GPUs)",
+    )
     p.add_argument(
         "--section", help="bundle section to run, e.g. onnx/int8 (default: onnx/fp32, torch/fused)"
     )
@@ -60,6 +64,16 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         "--vae", choices=("full", "tiny"), default="full", help="tiny: TAESD, where the bundle has it"
     )
     p.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto, cpu, cuda, tensorrt")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="tensorrt/torch_cuda: replay denoising calls as CUDA graphs",
+    )
+    p.add_argument(
+        "--compile",
+        default="none",
+        help="torch_cuda: torch.compile mode (none, default, max-autotune-no-cudagraphs, reduce-overhead)",
+    )
     p.add_argument("--out", help="PNG path (default: ./<task>-<seed>.png)")
     p.set_defaults(func=run_command)
     return p
@@ -119,7 +133,15 @@ def run_command(args: argparse.Namespace) -> int:
     out = _out_path(args)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    pipe = load(args.model, backend=args.backend, section=args.section, vae=args.vae, provider=args.provider)
+    pipe = load(
+        args.model,
+        backend=args.backend,
+        section=args.section,
+        vae=args.vae,
+        provider=args.provider,
+        cuda_graphs=args.cuda_graphs,
+        compile=args.compile,
+    )
     pipe.preload(pipe.components_for(args.task, None if args.control == "none" else args.control))
     timings["load"] = time.perf_counter() - t0
     logger.info("%s: %s", args.task, pipe)

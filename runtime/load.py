@@ -24,7 +24,7 @@ from typing import Any
 from sdkiln.runtime.contract.digest import user_memo
 from sdkiln.runtime.contract.errors import CorruptArtifactError, UserError
 from sdkiln.runtime.contract.families import FAMILIES, get_family
-from sdkiln.runtime.contract.layout import BACKEND_KINDS, PREFERRED_SECTIONS, VAE_TINY_DIR
+from sdkiln.runtime.contract.layout import BACKEND_KINDS, PREFERRED_SECTIONS, VAE_TINY_DIR, Kind
 from sdkiln.runtime.contract.manifest import (
     BundleManifest,
     ModelFacts,
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = BACKEND_KINDS  # backend -> the section kind it runs
 PREFERRED = PREFERRED_SECTIONS
+ENGINE_KIND = Kind.TENSORRT_ENGINE
 
 # Files of a bundle are missing or differ from its manifest (found before loading anything): exit 2.
 CorruptBundleError = CorruptArtifactError
@@ -56,6 +57,17 @@ def check_backend(backend: str) -> None:
         from sdkiln.runtime.backends.torch_io import imports
 
         imports()
+    elif backend == "tensorrt":
+        from sdkiln.runtime.backends import nvidia
+        from sdkiln.runtime.backends.cuda_rt import _import_cudart
+
+        nvidia.require_tensorrt()
+        _import_cudart()
+        nvidia.require_gpu()
+    elif backend == "torch_cuda":
+        from sdkiln.runtime.backends.torch_cuda import require_cuda
+
+        require_cuda()
     else:
         from sdkiln.runtime.backends.coreml import _coremltools
 
@@ -188,7 +200,7 @@ def model_info(
             taesd=False,
             default_size=size or base.default_size,
         )
-    onnx = entry.kind == "onnx"
+    onnx = entry.kind in ("onnx", "tensorrt")  # TensorRT-ready ONNX keeps the ONNX layout
     unet_cfg = _json(folder / "unet" / "config.json", "UNet config")
     vae_cfg = _json(folder / ("vae_decoder" if onnx else "vae") / "config.json", "VAE config")
     taesd_dir = folder / ("taesd_decoder" if onnx else VAE_TINY_DIR)
@@ -243,9 +255,16 @@ def open_section(
     threads: int = 0,
     config_from: tuple[Path, Entry] | None = None,
     source: str = "",
+    cuda_graphs: bool = False,
+    compile: str = "none",
+    engine_sections: list[tuple[Path, Section]] | None = None,
+    bundle_files: dict[str, Any] | None = None,
 ) -> Pipeline:
     """A Pipeline over one section folder and its manifest entry (a bundle ``Section`` or a build cache
-    ``ArtifactManifest``: the same blocks). No verification here; ``load`` verifies before calling it."""
+    ``ArtifactManifest``: the same blocks). No verification here; ``load`` verifies before calling it.
+
+    ``tensorrt``: ``engine_sections`` are the bundle's engine sections for this ONNX section and
+    ``bundle_files`` the bundle manifest's file table (engines are matched to graphs by sha256)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
     if entry.kind != BACKENDS[backend]:
@@ -262,11 +281,62 @@ def open_section(
         be = TorchBackend(
             folder, info.family, [c.split(".", 1)[1] for c in info.controlnets], info.taesd, dtype=dtype
         )
+    elif backend == "tensorrt":
+        from sdkiln.runtime.backends.tensorrt import TensorrtBackend
+
+        files = bundle_files if bundle_files is not None else _prefixed(entry, section)
+        be = TensorrtBackend(folder, entry, files, section, engine_sections, cuda_graphs=cuda_graphs)
+    elif backend == "torch_cuda":
+        from sdkiln.runtime.backends.torch_cuda import TorchCudaBackend
+
+        be = TorchCudaBackend(
+            folder,
+            info.family,
+            [c.split(".", 1)[1] for c in info.controlnets],
+            info.taesd,
+            dtype="float16" if dtype == "float32" else dtype,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+        )
     else:
         from sdkiln.runtime.backends.coreml import CoreMLBackend
 
         be = CoreMLBackend(folder, components, compute_units=compute_units)
     return Pipeline(be, info, vae=vae, source=source or str(folder))
+
+
+def _prefixed(entry: Entry, section: str) -> dict[str, Any]:
+    """A file table for a section opened outside a bundle (a cache entry: its own manifest's files)."""
+    files = getattr(entry, "files", None) or {}
+    prefix = f"{section}/" if section else ""
+    return {f"{prefix}{rel}": meta for rel, meta in files.items()}
+
+
+def engine_sections_for(manifest: BundleManifest, onnx_section: str) -> list[str]:
+    """The bundle's engine sections built from ``onnx_section`` (by the step that made it)."""
+    sections = manifest.sections
+    step, digest = sections[onnx_section].step, sections[onnx_section].digest
+    out = []
+    for name, sec in sorted(sections.items()):
+        if sec.kind != ENGINE_KIND:
+            continue
+        src = sec.details.get("source") or {}
+        if (digest and src.get("digest") == digest) or (not digest and src.get("step") == step):
+            out.append(name)
+    return out
+
+
+def _engine_source_section(manifest: BundleManifest, engine_section: str) -> str:
+    """The TensorRT-ready ONNX section an engine section was built from."""
+    src = manifest.sections[engine_section].details.get("source") or {}
+    for name, sec in manifest.sections.items():
+        if sec.kind == BACKENDS["tensorrt"] and (
+            sec.digest == src.get("digest") or sec.step == src.get("step")
+        ):
+            return name
+    raise UserError(
+        f"engine section {engine_section!r}: the bundle lacks the TensorRT-ready ONNX it was built from"
+    )
 
 
 def load(
@@ -281,6 +351,8 @@ def load(
     threads: int = 0,
     verify: bool = True,
     memo: Any = None,
+    cuda_graphs: bool = False,
+    compile: str = "none",
 ) -> Pipeline:
     """Load a bundle for one backend.
 
@@ -291,8 +363,12 @@ def load(
             ``coreml/split_einsum``, else the first of the backend's kind.
         vae: ``full`` or ``tiny`` (TAESD, where the bundle has it).
         provider: ONNX Runtime execution provider: ``auto``, ``cpu``, ``cuda``, ``tensorrt``.
-        dtype: the torch backend's compute dtype (the VAE stays fp32 where fp16 overflows).
+        dtype: the torch backend's compute dtype (the VAE stays fp32 where fp16 overflows); torch_cuda
+            runs float16 unless bfloat16 is asked for.
         verify: check sha256 of every file in use before loading (on by default).
+        cuda_graphs: tensorrt/torch_cuda: replay each denoising call as a captured CUDA graph.
+        compile: torch_cuda: ``none``, ``default``, ``max-autotune-no-cudagraphs`` or ``reduce-overhead``
+            (``torch.compile`` modes).
 
     Example::
 
@@ -301,12 +377,22 @@ def load(
     """
     check_backend(backend)
     # Core ML takes its configs from the bundle's pipeline section, so that one is fetched too.
-    wanted = [section or backend] + (["torch"] if backend == "coreml" else [])
+    fetch_as = {"torch_cuda": "torch"}.get(backend, backend)
+    wanted = [section or fetch_as] + (["torch"] if backend == "coreml" else [])
     root = resolve_source(str(model), wanted)
     manifest = read_bundle_manifest(root)
+    engine_pick = None
+    picked = manifest.sections.get(section) if section else None
+    if backend == "tensorrt" and picked is not None and picked.kind == ENGINE_KIND:
+        engine_pick, section = section, _engine_source_section(manifest, section)
     name = pick_section(manifest, backend, section)
     entry: Section = manifest.sections[name]
     used = [name]
+    engines: list[tuple[Path, Section]] = []
+    if backend == "tensorrt":
+        names = [engine_pick] if engine_pick else engine_sections_for(manifest, name)
+        used += names
+        engines = [(root / n, manifest.sections[n]) for n in names]
     config_from = None
     if backend == "coreml":
         sections = manifest.sections
@@ -336,4 +422,8 @@ def load(
         threads=threads,
         config_from=config_from,
         source=f"{root}:{name}",
+        cuda_graphs=cuda_graphs,
+        compile=compile,
+        engine_sections=engines,
+        bundle_files=manifest.files,
     )

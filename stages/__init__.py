@@ -9,6 +9,7 @@ package is cheap.
 """
 
 from sdkiln.stages import (
+    build_tensorrt,
     check_parity,
     export_coreml,
     export_onnx,
@@ -31,6 +32,7 @@ STAGES: dict[str, Stage] = {
     "optimize_onnx": optimize_onnx.STAGE,
     "quantize_onnx": quantize_onnx.STAGE,
     "prepare_tensorrt": prepare_tensorrt.STAGE,
+    "build_tensorrt": build_tensorrt.STAGE,
     "export_coreml": export_coreml.STAGE,
     "palettize_coreml": palettize_coreml.STAGE,
     "parity": check_parity.STAGE,

@@ -177,4 +177,6 @@ STAGE = Stage(
     run=run,
     description="TensorRT-ready ONNX (folded, shape-inferred, fp16 where wanted) with min/opt/max profiles",
     env_packages=("torch", "diffusers", "onnx", "onnxruntime"),
+    # In the bundle, so a user's machine can build engines for its own GPU on first use.
+    bundle_dir=lambda p: f"tensorrt/onnx-{p.precision}",
 )

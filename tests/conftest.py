@@ -33,7 +33,7 @@ import pytest
 # so tests that check "the runtime does not import torch" stay meaningful.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from testkit import build_recipe, folder_artifact  # noqa: E402  (tests/support, see pyproject)
+from testkit import build_recipe, folder_artifact, nvidia_cpu_recipe  # noqa: E402  (tests/support)
 
 _PRESETS = {
     "sd15": "tiny-sd15-controlnet",
@@ -167,6 +167,29 @@ def tiny_lcm_bundle(
     """A read-only engine-built bundle with an LCM-LoRA fused: ``torch/fused`` (LCM scheduler, 4 steps, no
     CFG by default), ``onnx/fp32``, ``onnx/int8``."""
     return build_recipe(TINY_LCM_RECIPE, tmp_path_factory.mktemp("recipe"), "tiny-lcm-test", tiny_artifacts)
+
+
+# -- the NVIDIA path's CPU steps -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nvidia_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path) -> Path:
+    """``recipes/tiny-nvidia.yaml``'s CPU steps (pipeline, ONNX, TensorRT-ready fp16 and fp32 graphs) plus a
+    second LoRA fused into the same base and carried through the same export (refit bookkeeping):
+    ``tensorrt/onnx-fp16`` (text encoder, UNet, ControlNets, VAE halves), ``tensorrt/onnx-fp32`` (the UNet,
+    what INT8/FP8 quantize) and ``lora-b/trt`` (the other LoRA's UNet). The engine steps need a GPU."""
+    import yaml
+
+    pytest.importorskip("torch", reason="the NVIDIA-path bundle is built with the build extra")
+    text = yaml.safe_dump(nvidia_cpu_recipe(), sort_keys=False)
+    return build_recipe(text, tmp_path_factory.mktemp("nvidia"), "nvidia-cpu", tiny_artifacts)
+
+
+@pytest.fixture(scope="session")
+def nvidia_manifest(nvidia_bundle: Path) -> Any:
+    from sdkiln.runtime.contract.manifest import read_bundle_manifest
+
+    return read_bundle_manifest(nvidia_bundle)
 
 
 # -- the loopback Hub ---------------------------------------------------------------------------------

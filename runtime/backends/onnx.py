@@ -61,6 +61,27 @@ def choose_providers(provider: str) -> list[str]:
     return [p for p in PROVIDERS[provider] if p in available]
 
 
+def fell_back(requested: list[str], got: list[str]) -> bool:
+    """True when the session does not run on the provider asked for first (CUDA/TensorRT -> CPU)."""
+    return bool(requested) and requested[0] != "CPUExecutionProvider" and (not got or got[0] != requested[0])
+
+
+def describe(version: str, requested: list[str], loaded: dict[str, Any]) -> str:
+    """What runs the sessions: the providers they really got, and which fell back from what was asked."""
+    if not loaded:
+        return f"onnxruntime {version} (requested {', '.join(requested)})"
+    got: list[str] = []
+    for comp in loaded.values():
+        for prov in getattr(comp, "providers", []):
+            if prov not in got:
+                got.append(prov)
+    text = f"onnxruntime {version} ({', '.join(got)})"
+    fell = sorted(n for n, c in loaded.items() if getattr(c, "fell_back", False))
+    if fell:
+        text += f"; requested {requested[0]} but fell back to {got[0] if got else 'nothing'} for {', '.join(fell)}"
+    return text
+
+
 class OnnxComponent:
     """One ONNX graph. Inputs are checked against the manifest spec before ``session.run``."""
 
@@ -74,6 +95,19 @@ class OnnxComponent:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise UserError(f"{name}: ONNX Runtime cannot load {path}: {e}") from e
+        # What the session really got: ORT drops a provider it cannot create (no CUDA library, no GPU,
+        # a TensorRT engine build failure) and quietly runs on the next one.
+        self.requested = list(providers)
+        self.providers = list(self.session.get_providers())
+        self.fell_back = fell_back(self.requested, self.providers)
+        if self.fell_back:
+            logger.warning(
+                "%s: ONNX Runtime was asked for %s but runs on %s (it could not create %s here)",
+                name,
+                self.requested[0],
+                self.providers[0] if self.providers else "nothing",
+                self.requested[0],
+            )
         self.name = name
         session_io = _session_io(self.session)
         if io is None:
@@ -136,7 +170,18 @@ class OnnxBackend:
         self._providers = choose_providers(provider)
         self._threads = threads
         self._loaded: dict[str, Component] = {}
-        self.description = f"onnxruntime {ort.__version__} ({', '.join(self._providers)})"
+        self._version = ort.__version__
+
+    @property
+    def description(self) -> str:
+        """The providers the loaded sessions really run on (``session.get_providers()``), not the ones
+        asked for; says so when a session fell back from CUDA/TensorRT to the CPU."""
+        return describe(self._version, self._providers, self._loaded)
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        """Per loaded component, the providers its session got."""
+        return {n: list(getattr(c, "providers", [])) for n, c in self._loaded.items()}
 
     def has(self, component: str) -> bool:
         return component in self._entries

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,12 @@ def read_config(path: Path) -> dict[str, Any]:
 class TorchComponent:
     """Numpy in, numpy out, around one contract call of a diffusers/transformers module."""
 
-    def __init__(self, name: str, io: ComponentIO, model: Any, dtype: Any):
+    def __init__(self, name: str, io: ComponentIO, model: Any, dtype: Any, device: str = "cpu"):
         self.name = name
         self.io = io
         self.model = model
         self._dtype = dtype
+        self._device = device
         self._outputs = list(io.outputs)
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,13 +59,13 @@ class TorchComponent:
         check_inputs(self.name, self.io, inputs)
         tensors = {
             k: torch.from_numpy(np.ascontiguousarray(v)).to(
-                self._dtype if v.dtype.kind == "f" else torch.long
+                self._device, self._dtype if v.dtype.kind == "f" else torch.long
             )
             for k, v in inputs.items()
         }
         with torch.inference_mode():
             out = torch_io.call(self.name, self.model, tensors, self._outputs)
-        return {k: v.float().numpy() for k, v in out.items() if k in self.io.outputs}
+        return {k: v.float().cpu().numpy() for k, v in out.items() if k in self.io.outputs}
 
 
 class TorchBackend:
@@ -72,8 +74,20 @@ class TorchBackend:
     name = "torch"
 
     def __init__(
-        self, folder: Path, family: str, controlnets: list[str], taesd: bool, dtype: str = "float32"
+        self,
+        folder: Path,
+        family: str,
+        controlnets: list[str],
+        taesd: bool,
+        dtype: str = "float32",
+        *,
+        device: str = "cpu",
+        prepare: Callable[[str, Any], Any] | None = None,
     ):
+        """``device``/``prepare`` serve backends built on this one (``torch_cuda``): where the modules
+        live, and a hook ``prepare(key, module) -> module`` run once on each module after it loads
+        (memory format, ``torch.compile``); ``key`` is the component, or ``vae``/``vae_tiny`` for both
+        halves of an autoencoder."""
         torch, diffusers, _ = torch_io.imports()
         if dtype not in DTYPES:
             raise UserError(f"torch dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
@@ -95,8 +109,10 @@ class TorchBackend:
         self._vae_dt = "float32" if configs["vae"].get("force_upcast", True) else dtype
         self._modules: dict[str, Any] = {}
         self._components: dict[str, TorchComponent] = {}
-        self.description = f"torch {torch.__version__} + diffusers {diffusers.__version__} ({dtype}, CPU)"
-        self.providers: list[str] = ["cpu"]
+        self._device = device
+        self._prepare = prepare
+        where = "CPU" if device == "cpu" else device
+        self.description = f"torch {torch.__version__} + diffusers {diffusers.__version__} ({dtype}, {where})"
 
     def _dtype_of(self, component: str) -> str:
         return self._vae_dt if component in VAE_KINDS else self._dt
@@ -105,7 +121,12 @@ class TorchBackend:
         # Both halves of an autoencoder are one module, loaded once.
         key = torch_io.module_folder(component) if component in VAE_KINDS else component
         if key not in self._modules:
-            self._modules[key] = torch_io.load_module(self._folder, component, self._dtype_of(component))
+            m = torch_io.load_module(self._folder, component, self._dtype_of(component))
+            if self._device != "cpu":
+                m = m.to(self._device)
+            if self._prepare is not None:
+                m = self._prepare(key, m)
+            self._modules[key] = m
         return self._modules[key]
 
     def has(self, component: str) -> bool:
@@ -119,6 +140,6 @@ class TorchBackend:
 
             dtype = getattr(torch, self._dtype_of(component))
             self._components[component] = TorchComponent(
-                component, self._io[component], self._module(component), dtype
+                component, self._io[component], self._module(component), dtype, self._device
             )
         return self._components[component]

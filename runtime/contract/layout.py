@@ -19,6 +19,7 @@ class Kind:
     OPENVINO = "openvino"  # OpenVINO IR (.xml + .bin) per component, in the ONNX folder layout
     COREML = "coreml"  # Core ML packages in the layout of Apple's StableDiffusion Swift package
     TENSORRT = "tensorrt"  # TensorRT-ready ONNX plus shape profiles (engines are built per GPU)
+    TENSORRT_ENGINE = "tensorrt_engine"  # serialized engines for one GPU generation + TensorRT version
     REPORT = "report"  # measurements only (parity, benchmarks)
     PUBLISHED = "published"  # a record of what was pushed where
     DATA = "data"  # anything else (test stages)
@@ -32,11 +33,19 @@ README = "README.md"
 BUNDLE_METADATA = (RECIPE_FILE, LOCK_FILE)
 
 # -- which backend runs which kind, and the section it prefers -------------------------------------
-BACKEND_KINDS: dict[str, str] = {"onnx": Kind.ONNX, "torch": Kind.PIPELINE, "coreml": Kind.COREML}
+BACKEND_KINDS: dict[str, str] = {
+    "onnx": Kind.ONNX,
+    "torch": Kind.PIPELINE,
+    "coreml": Kind.COREML,
+    "tensorrt": Kind.TENSORRT,  # TensorRT-ready ONNX, plus the engine sections built from it
+    "torch_cuda": Kind.PIPELINE,
+}
 PREFERRED_SECTIONS: dict[str, str] = {
     "onnx": "onnx/fp32",
     "torch": "torch/fused",
     "coreml": "coreml/split_einsum",
+    "tensorrt": "tensorrt/onnx-fp16",
+    "torch_cuda": "torch/fused",
 }
 
 # -- PIPELINE (diffusers folder) -------------------------------------------------------------------

@@ -66,6 +66,9 @@ class Stage:
     # ``resolve`` (e.g. {"repo:runwayml/stable-diffusion-v1-5": "main"}).
     refs: Callable[[Any], dict[str, str]] | None = None
     resolve: Callable[[str, str], str] | None = None
+    # Facts about the machine that change the output (a GPU's compute capability, a TensorRT version),
+    # computed from params at plan time; they enter the cache key as "machine".
+    key_facts: Callable[[Any], dict[str, str]] | None = None
 
 
 @dataclass

@@ -7,11 +7,13 @@ Each probe is cheap and imports nothing heavy (torch only if it is installed, fo
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
-import shutil
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sdkiln.stages.engine.core import Stage
 
 _OFF = {"1", "true", "yes", "on"}
 
@@ -24,18 +26,9 @@ def _offline() -> str | None:
 
 
 def _gpu() -> str | None:
-    if importlib.util.find_spec("torch") is not None:
-        import torch
+    from sdkiln.runtime.backends import nvidia
 
-        if torch.cuda.is_available():
-            return None
-        return (
-            f"gpu: no CUDA device is visible to torch {torch.__version__} (an NVIDIA GPU with its driver and "
-            "a CUDA build of PyTorch are needed)"
-        )
-    if shutil.which("nvidia-smi") is not None:
-        return None
-    return "gpu: no NVIDIA GPU found (no CUDA PyTorch and no nvidia-smi)"
+    return None if nvidia.detect_gpus() else f"gpu: no NVIDIA GPU found; {nvidia.INSTALL_GPU}"
 
 
 def _macos() -> str | None:
@@ -45,12 +38,19 @@ def _macos() -> str | None:
 
 
 def _tensorrt() -> str | None:
-    if importlib.util.find_spec("tensorrt") is not None:
-        return None
-    return (
-        "tensorrt: the TensorRT Python package is not installed (pip install tensorrt "
-        "--extra-index-url https://pypi.nvidia.com, on a machine with an NVIDIA GPU)"
-    )
+    from sdkiln.runtime.backends import nvidia
+    from sdkiln.runtime.backends.cuda_rt import INSTALL_CUDA_BINDINGS, _import_cudart
+    from sdkiln.runtime.contract.errors import UserError
+
+    try:
+        nvidia.require_tensorrt()
+    except UserError as e:
+        return f"tensorrt: {e}"
+    try:
+        _import_cudart()
+    except UserError:
+        return f"tensorrt: the CUDA runtime bindings are missing; {INSTALL_CUDA_BINDINGS}"
+    return None
 
 
 PROBES: dict[str, Callable[[], str | None]] = {
@@ -71,3 +71,16 @@ def unmet(needs: Iterable[str]) -> list[str]:
         elif (why := probe()) is not None:
             out.append(why)
     return out
+
+
+unmet_needs = unmet
+
+
+def check_needs(stage: Stage, step_id: str | None = None) -> None:
+    """Raise a UserError listing what ``stage`` needs and this machine lacks; return if nothing."""
+    from sdkiln.runtime.contract.errors import UserError
+
+    problems = unmet(stage.needs)
+    if problems:
+        who = f"step {step_id} ({stage.name})" if step_id else f"stage {stage.name}"
+        raise UserError(f"{who} cannot run on this machine:\n  " + "\n  ".join(problems))

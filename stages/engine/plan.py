@@ -101,7 +101,7 @@ class Planner:
 
     @staticmethod
     def key_data(step: Step, input_digests: dict[str, str], pins: dict[str, dict[str, str]]) -> dict:
-        return {
+        data = {
             "stage": step.stage.name,
             "version": step.stage.version,
             "params": step.params.model_dump(mode="json"),
@@ -109,6 +109,9 @@ class Planner:
             "env": package_versions(step.stage.env_packages),
             "pins": {n: p["sha"] for n, p in sorted(pins.items())},
         }
+        if step.stage.key_facts is not None:  # only such stages carry the field: other keys are unchanged
+            data["machine"] = step.stage.key_facts(step.params)
+        return data
 
     def why_changed(self, step: Step, key_data: dict[str, Any]) -> str:
         old = self.lock_steps.get(step.id)
@@ -124,6 +127,7 @@ class Planner:
             if old.get("inputs", {}).get(name) != digest:
                 reasons.append(f"input {name} changed")
         reasons += [f"package {p}" for p in _diff(old.get("env", {}), key_data["env"])]
+        reasons += [f"machine {p}" for p in _diff(old.get("machine", {}), key_data.get("machine", {}))]
         old_pins = {n: p.get("sha") for n, p in old.get("pins", {}).items()}
         reasons += [f"pin {p}" for p in _diff(old_pins, key_data["pins"])]
         return ", ".join(reasons) if reasons else "not in cache"

@@ -108,3 +108,77 @@ def build_recipe(text: str, root: Path, name: str = "recipe", artifacts: Path | 
     recipe = root / f"{name}.yaml"
     recipe.write_text(textwrap.dedent(text).lstrip())
     return build(recipe, artifacts or root / "artifacts", stages=STAGES).bundle
+
+
+# The NVIDIA path's CPU steps (the nvidia_bundle fixture; the gpu tests extend it with engine steps).
+NVIDIA_SIZES = {"batch": [1, 1, 2], "height": [64, 64, 128], "width": [64, 64, 128]}
+NVIDIA_PARITY = {"batch_sizes": [1], "image_sizes": [64]}
+
+
+def nvidia_cpu_recipe() -> dict[str, Any]:
+    lora = {"source": "preset", "format": "peft", "kind": "lcm", "scale": 1.0}
+    return {
+        "name": "nvidia-cpu",
+        "description": "tiny-nvidia's CPU steps and a second LoRA through the same export",
+        "steps": [
+            {
+                "id": "base",
+                "stage": "load_pipeline",
+                "params": {"source": "preset", "preset": "tiny-sd15-controlnet"},
+            },
+            {
+                "id": "fused",
+                "stage": "fuse_lora",
+                "inputs": {"model": "base"},
+                "params": {"loras": [{**lora, "seed": 0}]},
+            },
+            {
+                "id": "onnx",
+                "stage": "export_onnx",
+                "inputs": {"model": "fused"},
+                "params": {"parity": NVIDIA_PARITY},
+            },
+            {
+                "id": "trt_onnx",
+                "stage": "prepare_tensorrt",
+                "inputs": {"onnx": "onnx", "model": "fused"},
+                "params": {
+                    "components": ["text_encoder", "unet", "controlnet", "vae_encoder", "vae_decoder"],
+                    **NVIDIA_SIZES,
+                    "parity": NVIDIA_PARITY,
+                },
+            },
+            {
+                "id": "trt_onnx_fp32",
+                "stage": "prepare_tensorrt",
+                "inputs": {"onnx": "onnx", "model": "fused"},
+                "params": {
+                    "precision": "fp32",
+                    "components": ["unet"],
+                    **NVIDIA_SIZES,
+                    "parity": NVIDIA_PARITY,
+                },
+            },
+            {
+                "id": "fused_b",
+                "stage": "fuse_lora",
+                "inputs": {"model": "base"},
+                "bundle": False,
+                "params": {"loras": [{**lora, "seed": 1}]},
+            },
+            {
+                "id": "onnx_b",
+                "stage": "export_onnx",
+                "inputs": {"model": "fused_b"},
+                "bundle": False,
+                "params": {"components": ["unet"], "controlnet_residuals": True, "parity": NVIDIA_PARITY},
+            },
+            {
+                "id": "trt_onnx_b",
+                "stage": "prepare_tensorrt",
+                "inputs": {"onnx": "onnx_b", "model": "fused_b"},
+                "bundle": "lora-b/trt",
+                "params": {"components": ["unet"], **NVIDIA_SIZES, "parity": NVIDIA_PARITY},
+            },
+        ],
+    }

@@ -398,3 +398,24 @@ def compact_names(model: Any) -> int:
     for vi in g.value_info:
         vi.name = mapping.get(vi.name, vi.name)
     return len(mapping)
+
+
+def spec_feeds(inputs: list[dict[str, Any]], shapes: dict[str, list[int]], seed: int) -> dict[str, Any]:
+    """Inputs for a smoke/parity run from the I/O spec: normal floats, token ids, timesteps in range."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in inputs:
+        name, dtype, shape = t["name"], t.get("dtype", "float32"), shapes[t["name"]]
+        if "int" in dtype:
+            feeds[name] = rng.integers(0, 49408, size=shape).astype(dtype)
+        elif name == "timestep":
+            feeds[name] = rng.uniform(1, 999, size=shape).astype(dtype)
+        elif name == "conditioning_scale":
+            feeds[name] = np.ones(shape, dtype)
+        elif name == "controlnet_cond":
+            feeds[name] = rng.uniform(0, 1, size=shape).astype(dtype)
+        else:
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+    return feeds

@@ -1,8 +1,8 @@
 """Preset models: real architectures built from their configs with seeded random weights, no download.
 
 ``tiny-*`` presets use diffusers-test-sized configs (they build in seconds and run 2 steps in well under
-a second); ``sd15``, ``sd15-controlnet``, ``sdxl``, ``sdxl-controlnet`` have the shapes and compute of
-the real models. Every preset ships the real CLIP tokenizer (``tokenizer.py``), so prompts tokenize as
+a second); ``sd15``, ``sd15-controlnet``, ``sd-turbo``, ``sdxl``, ``sdxl-controlnet`` have the shapes
+and compute of the real models. Every preset ships the real CLIP tokenizer (``tokenizer.py``), so prompts tokenize as
 with the real weights, and every VAE downsamples by 8 (``families.Family.vae_scale_factor``).
 
 ControlNets are made with ``ControlNetModel.from_unet`` and then their zero-initialised output convs
@@ -84,6 +84,20 @@ _SD15_UNET = {
     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
+}
+_SD21_UNET = {  # SD 2.x / SD-Turbo: linear projections, per-block head dims, OpenCLIP-H context
+    **_SD15_UNET,
+    "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,
+    "cross_attention_dim": 1024,
+}
+_CLIP_H = {  # OpenCLIP ViT-H/14 text tower as SD 2.x ships it (23 of its 24 layers)
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "projection_dim": 512,
+    "hidden_act": "gelu",
 }
 _SDXL_UNET = {
     "sample_size": 128,
@@ -193,6 +207,7 @@ PRESETS: dict[str, Preset] = {
         _p("tiny-sdxl-controlnet", "sdxl", "tiny", controlnets=("canny",), with_taesd=True),
         _p("sd15", "sd15", "real"),
         _p("sd15-controlnet", "sd15", "real", controlnets=("scribble", "canny"), with_taesd=True),
+        _p("sd-turbo", "sd-turbo", "real", unet=_SD21_UNET, text_encoders=(_CLIP_H,)),
         _p("sdxl", "sdxl", "real"),
         _p("sdxl-controlnet", "sdxl", "real", controlnets=("canny",), with_taesd=True),
     ]

@@ -172,6 +172,7 @@ def _tags(manifest: BundleManifest) -> list[str]:
                 "pipeline": "diffusers",
                 "torch_quantized": "optimum-quanto",
                 "tensorrt": "tensorrt",
+                "tensorrt_engine": "tensorrt",
                 "onnx": "onnx",
                 "coreml": "coreml",
                 "openvino": "openvino",

@@ -143,6 +143,7 @@ def test_scheduler_keys():
     [
         # parameter counts of the released checkpoints
         ("sd15-controlnet", {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}),
+        ("sd-turbo", {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}),  # SD 2.1's
         (
             "sdxl-controlnet",
             {
