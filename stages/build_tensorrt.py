@@ -51,8 +51,8 @@ from pydantic import Field, model_validator
 
 from sdkiln.runtime.contract.errors import UserError
 from sdkiln.runtime.contract.layout import Kind
-from sdkiln.stages.common.onnx.calibration import CalibrationParams
 from sdkiln.runtime.contract.manifest import ModelFacts
+from sdkiln.stages.common.onnx.calibration import CalibrationParams
 from sdkiln.stages.engine.core import InputArtifact, Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
