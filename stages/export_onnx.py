@@ -185,6 +185,10 @@ def run(ctx: StageContext) -> None:
             raise BuildError(f"{comp.key}: {p.exporter} export failed: {type(e).__name__}: {e}") from e
         model = ou.load_model(raw)
         expected = comp.spec(static_axes)
+        unused = ou.restore_unused_inputs(model, expected)
+        if unused:
+            logger.info("%s: the model reads none of %s; kept as unused graph inputs", comp.key, unused)
+            ctx.details.setdefault("unused_inputs", {})[comp.key] = unused
         ou.set_io_shapes(model, expected)
         prec = oc.component_precision(comp.kind, p.precision, p.vae_precision)
         if prec == "fp16":
