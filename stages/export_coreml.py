@@ -180,6 +180,8 @@ def convert_component(
     import numpy as np
     import torch
 
+    from sdkiln.stages.common.coreml import io as cio
+
     with torch.no_grad(), warnings.catch_warnings():
         # diffusers' shape asserts become trace-time constants: expected with fixed Core ML shapes.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -209,7 +211,7 @@ def convert_component(
     mlmodel.author = "sdkiln"
     mlmodel.user_defined_metadata.update(metadata)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    mlmodel.save(str(out_path))
+    cio.save_package(mlmodel, out_path)
 
 
 def run(ctx: StageContext) -> None:
@@ -355,7 +357,7 @@ def _controlnet_config(folder: Path, key: str) -> dict[str, Any]:
 
 STAGE = Stage(
     name="export_coreml",
-    version="1",
+    version="2",  # 2: packages saved reproducibly (common.coreml.io.normalize_package)
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.COREML,
     params=ExportCoremlParams,
