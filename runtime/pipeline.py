@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -134,8 +134,17 @@ class Pipeline:
 
     # -- the loop ---------------------------------------------------------------------------------------
 
-    def generate(self, req: Request, progress: Progress | None = None) -> Result:
-        """Run one request: encode prompts, denoise from seeded noise (or a noised image), decode."""
+    def generate(
+        self,
+        req: Request,
+        progress: Progress | None = None,
+        on_latents: Callable[[np.ndarray], None] | None = None,
+    ) -> Result:
+        """Run one request: encode prompts, denoise from seeded noise (or a noised image), decode.
+
+        ``on_latents`` is called with the final latents just before the VAE decodes them (the studio
+        decodes them with TAESD, see ``decode``, to show a preview while the full decode runs).
+        """
         progress = progress or _plain
         timings: dict[str, float] = {}
         steps = self.default_steps if req.steps is None else req.steps
@@ -211,6 +220,8 @@ class Pipeline:
             latents = scheduler.step(out.astype(np.float32), i, latents, rng).prev_sample
         timings["denoise"] = time.perf_counter() - t0
 
+        if on_latents is not None:
+            on_latents(latents)
         t0 = time.perf_counter()
         decoded = self._decode(latents)
         timings["vae_decoder"] = time.perf_counter() - t0
@@ -239,6 +250,16 @@ class Pipeline:
                 ),
             },
         )
+
+    def decode(self, latents: np.ndarray) -> list[Image.Image]:
+        """Final latents (as ``generate`` passes them to ``on_latents``) to images with this pipeline's VAE.
+
+        A ``vae="tiny"`` pipeline over the same backend turns them into a TAESD preview::
+
+            preview = Pipeline(pipe.backend, pipe.info, vae="tiny")
+            pipe.generate(request, on_latents=lambda lat: show(preview.decode(lat)[0]))
+        """
+        return to_pil(to_pixels(self._decode(latents)))
 
     # -- pieces of the loop -----------------------------------------------------------------------------
 

@@ -267,6 +267,7 @@ def _add_optional(sub: argparse._SubParsersAction) -> None:
     for module, adder in (
         ("sdkiln.runtime.cli", "add_run_parser"),
         ("sdkiln.runtime.cli", "add_demo_parser"),
+        ("sdkiln.runtime.studio.cli", "add_studio_parser"),
         ("sdkiln.stages.tools.publish.cli", "add_publish_parser"),
         ("sdkiln.stages.tools.bench.cli", "add_bench_parser"),
     ):
