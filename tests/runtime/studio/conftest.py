@@ -27,6 +27,7 @@ CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
+    "--disable-dev-shm-usage",  # containers often give /dev/shm 64 MB: the renderer crashes there
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
