@@ -42,7 +42,6 @@ from pydantic import Field
 
 from sdkiln.runtime.contract.errors import ParityError, UserError
 from sdkiln.runtime.contract.layout import Kind
-from sdkiln.stages.common.coreml.io import psnr_floor
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
@@ -289,7 +288,7 @@ def run(ctx: StageContext) -> None:
         parity = crb.measure_packages(
             [package], src.path, key, model_class, p.attention, added_cond, example, reference
         )
-        floor = psnr_floor(key, facts, p.min_psnr_db, palettized=False)
+        floor = cio.psnr_floor(key, facts, p.min_psnr_db, palettized=False)
         worst = parity.worst_db
         if worst < floor:
             failures.append(f"{key}: PSNR {worst:.1f} dB < {floor:.1f} dB")
