@@ -130,6 +130,15 @@ def pick_section(manifest: BundleManifest, backend: str, section: str | None) ->
     if not matching:
         have = ", ".join(f"{n} ({e.kind})" for n, e in sorted(sections.items())) or "none"
         raise UserError(f"the bundle has no {kind} section for the {backend} backend (it has: {have})")
+    if len(matching) > 1:  # never guess between two artifacts (e.g. onnx/fp16 and onnx/int8)
+        listed = ", ".join(f"{n} ({sections[n].precision or 'precision unknown'})" for n in matching)
+        raise UserError(
+            f"the bundle has no {PREFERRED[backend]} section and {len(matching)} {kind} sections fit the "
+            f"{backend} backend: {listed}; choose one with --section (load(..., section=...))"
+        )
+    logger.info(
+        "the bundle has no %s section: using %s, its only %s section", PREFERRED[backend], matching[0], kind
+    )
     return matching[0]
 
 
