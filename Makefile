@@ -16,14 +16,14 @@ INSTALLED := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(INSTALLED) ## create .venv: torch (CPU) first, then sdkiln[build,dev] under constraints.txt
+install: $(INSTALLED) ## create .venv: torch (CPU) first, then sdkiln[build,dev,openvino] under constraints.txt
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, or pip resolves a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[build,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[build,dev,openvino]'
 	touch $@
 
 test: lint ## lint (ruff, import layering), then the offline test suite (slow/gpu/macos/network are opt-in)

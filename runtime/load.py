@@ -68,6 +68,10 @@ def check_backend(backend: str) -> None:
         from sdkiln.runtime.backends.torch_cuda import require_cuda
 
         require_cuda()
+    elif backend == "openvino":
+        from sdkiln.runtime.backends.openvino import _ov
+
+        _ov()
     else:
         from sdkiln.runtime.backends.coreml import _coremltools
 
@@ -200,7 +204,7 @@ def model_info(
             taesd=False,
             default_size=size or base.default_size,
         )
-    onnx = entry.kind in ("onnx", "tensorrt")  # TensorRT-ready ONNX keeps the ONNX layout
+    onnx = entry.kind in ("onnx", "tensorrt", "openvino")  # TensorRT-ready ONNX and IR keep the ONNX layout
     unet_cfg = _json(folder / "unet" / "config.json", "UNet config")
     vae_cfg = _json(folder / ("vae_decoder" if onnx else "vae") / "config.json", "VAE config")
     taesd_dir = folder / ("taesd_decoder" if onnx else VAE_TINY_DIR)
@@ -259,6 +263,7 @@ def open_section(
     compile: str = "none",
     engine_sections: list[tuple[Path, Section]] | None = None,
     bundle_files: dict[str, Any] | None = None,
+    inference_precision: str = "f32",
 ) -> Pipeline:
     """A Pipeline over one section folder and its manifest entry (a bundle ``Section`` or a build cache
     ``ArtifactManifest``: the same blocks). No verification here; ``load`` verifies before calling it.
@@ -286,6 +291,12 @@ def open_section(
 
         files = bundle_files if bundle_files is not None else _prefixed(entry, section)
         be = TensorrtBackend(folder, entry, files, section, engine_sections, cuda_graphs=cuda_graphs)
+    elif backend == "openvino":
+        from sdkiln.runtime.backends import openvino as ovb
+
+        be = ovb.OpenVinoBackend(
+            folder, components or ovb.discover(folder), inference_precision=inference_precision, threads=threads
+        )
     elif backend == "torch_cuda":
         from sdkiln.runtime.backends.torch_cuda import TorchCudaBackend
 
@@ -353,6 +364,7 @@ def load(
     memo: Any = None,
     cuda_graphs: bool = False,
     compile: str = "none",
+    inference_precision: str = "f32",
 ) -> Pipeline:
     """Load a bundle for one backend.
 
@@ -369,6 +381,7 @@ def load(
         cuda_graphs: tensorrt/torch_cuda: replay each denoising call as a captured CUDA graph.
         compile: torch_cuda: ``none``, ``default``, ``max-autotune-no-cudagraphs`` or ``reduce-overhead``
             (``torch.compile`` modes).
+        inference_precision: openvino: ``f32`` (exact; the default) or ``bf16`` (where the CPU has it).
 
     Example::
 
@@ -426,4 +439,5 @@ def load(
         compile=compile,
         engine_sections=engines,
         bundle_files=manifest.files,
+        inference_precision=inference_precision,
     )
