@@ -295,7 +295,10 @@ def open_section(
         from sdkiln.runtime.backends import openvino as ovb
 
         be = ovb.OpenVinoBackend(
-            folder, components or ovb.discover(folder), inference_precision=inference_precision, threads=threads
+            folder,
+            components or ovb.discover(folder),
+            inference_precision=inference_precision,
+            threads=threads,
         )
     elif backend == "torch_cuda":
         from sdkiln.runtime.backends.torch_cuda import TorchCudaBackend

@@ -64,6 +64,11 @@ class ExportOpenvinoParams(StageParams):
         default="auto", description="NNCF's 7-bit weights for CPUs without VNNI; auto: by the building CPU"
     )
     calibration: CalibrationParams | None = None
+    below_floor: Literal["fail", "keep_fp32"] = Field(
+        default="fail",
+        description="a quantized component below its parity floor fails the build, or is replaced by its "
+        "fp32 IR (what it measured is recorded in details.openvino.kept_fp32)",
+    )
     parity: ParityParams = ParityParams()
 
     @model_validator(mode="after")
@@ -74,7 +79,9 @@ class ExportOpenvinoParams(StageParams):
                 raise ValueError(f"{field_name}: unknown component names {bad}")
         calibrated = self.quantization in ("hybrid", "static")
         if calibrated and self.calibration is None:
-            raise ValueError(f"calibration: {self.quantization} quantization needs calibration prompts/sketches")
+            raise ValueError(
+                f"calibration: {self.quantization} quantization needs calibration prompts/sketches"
+            )
         if not calibrated and self.calibration is not None:
             raise ValueError("calibration: only hybrid and static quantization are calibrated")
         return self
@@ -142,11 +149,10 @@ def run(ctx: StageContext) -> None:
         gc.collect()
 
     records: dict[str, Any] = {}
-    for comp in ctx.progress(t.selected, "convert", total=len(t.selected)):
+
+    def convert_one(comp: Any, how: str) -> None:
         t0 = time.perf_counter()
-        model = oi.convert(t.in_path(comp))
-        how = p.quantization if comp in quantized else "none"
-        model = quantize(model, how, calib.get(comp.key), fix)  # type: ignore[arg-type]
+        model = quantize(oi.convert(t.in_path(comp)), how, calib.get(comp.key), fix)  # type: ignore[arg-type]
         rel = openvino_path(comp.key)
         files = oi.save(model, ctx.out_dir / rel)
         del model
@@ -160,13 +166,25 @@ def run(ctx: StageContext) -> None:
             "quantization": how,
             "ops": {k: v for k, v in oi.op_histogram(saved).items() if k in _REPORTED_OPS},
             "seconds": round(time.perf_counter() - t0, 3),
-            **({"calibration_samples": len(calib[comp.key])} if comp.key in calib else {}),
+            **({"calibration_samples": len(calib[comp.key])} if how != "none" and comp.key in calib else {}),
         }
-        del saved
-    for comp in t.selected:
+
+    def gate(comp: Any) -> list[str]:
         sess = oi.Session(ctx.out_dir / openvino_path(comp.key))
-        t.check_parity(comp, p.parity, session=sess)
-        del sess
+        return t.check_parity(comp, p.parity, session=sess)
+
+    for comp in ctx.progress(t.selected, "convert", total=len(t.selected)):
+        convert_one(comp, p.quantization if comp in quantized else "none")
+    kept: dict[str, Any] = {}
+    for comp in t.selected:
+        failures = gate(comp)
+        if failures and comp in quantized and p.below_floor == "keep_fp32":
+            kept[comp.key] = {"quantization": p.quantization, **t.below_floor(comp, failures)}
+            logger.warning(
+                "%s: %s is below its floor in %s INT8; keeping fp32", ctx.step_id, comp.key, p.quantization
+            )
+            convert_one(comp, "none")
+            gate(comp)
     dropped = [c.key for c in t.planned if c not in t.selected]
     t.finish(
         f"export_openvino ({p.quantization})",
@@ -178,6 +196,7 @@ def run(ctx: StageContext) -> None:
                 "overflow_fix": fix if p.quantization in ("hybrid", "static") else None,
                 "parity_inference_precision": "f32",
                 "components": records,
+                "kept_fp32": kept,
                 **({"not_converted": dropped} if dropped else {}),
             }
         },

@@ -204,7 +204,9 @@ def tiny_openvino_bundle(
     ``openvino/int8`` (static INT8 UNet); shares the tiny bundle's cache."""
     pytest.importorskip("openvino", reason="the OpenVINO bundle needs the openvino extra")
     pytest.importorskip("nncf", reason="the OpenVINO bundle needs the openvino extra")
-    return build_recipe(TINY_OPENVINO_RECIPE, tmp_path_factory.mktemp("recipe"), "tiny-openvino-test", tiny_artifacts)
+    return build_recipe(
+        TINY_OPENVINO_RECIPE, tmp_path_factory.mktemp("recipe"), "tiny-openvino-test", tiny_artifacts
+    )
 
 
 # -- the NVIDIA path's CPU steps -------------------------------------------------------------------

@@ -49,7 +49,10 @@ def test_every_component_becomes_an_fp32_ir_with_the_contract_io(ov_fp32, sd15_o
     parity = ctx.metrics["parity"]
     assert set(parity) == set(ctx.components)
     for key, entry in parity.items():
-        assert entry["gate"] == {"max_abs": tolerance(key).fp32_max_abs, "min_cosine": tolerance(key).fp32_min_cosine}
+        assert entry["gate"] == {
+            "max_abs": tolerance(key).fp32_max_abs,
+            "min_cosine": tolerance(key).fp32_min_cosine,
+        }
         assert entry["worst"]["max_abs"] < 1e-3, key
     assert "b1_64x64_no_controlnet" in parity["unet"]["cases"]
     assert ctx.details["openvino"]["parity_inference_precision"] == "f32"
@@ -91,14 +94,22 @@ def test_weight_compression_needs_no_calibration(
 ) -> None:
     from sdkiln.stages.export_openvino import STAGE
 
-    params = {"quantization": "weights", "quantize": ["text_encoder"], "components": ["text_encoder"], "parity": PARITY}
+    params = {
+        "quantization": "weights",
+        "quantize": ["text_encoder"],
+        "components": ["text_encoder"],
+        "parity": PARITY,
+    }
     ctx = run_stage(STAGE, params, {"onnx": sd15_onnx, "model": tiny_sd15_artifact}, tmp_path)
     assert ctx.components["text_encoder"]["precision"] == "int8"
     assert "FakeQuantize" not in ctx.details["openvino"]["components"]["text_encoder"]["ops"]
 
 
 def test_a_broken_ir_fails_its_gate(
-    tmp_path: Path, sd15_onnx: InputArtifact, tiny_sd15_artifact: InputArtifact, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    sd15_onnx: InputArtifact,
+    tiny_sd15_artifact: InputArtifact,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Weights off by 2% in every MatMul of the text encoder: the fp32 gate (max-abs) catches it."""
     from sdkiln.stages.common.openvino import quantize as q
@@ -151,4 +162,40 @@ def test_overflow_fix_auto_follows_the_building_cpu(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(machine, "has_vnni", lambda cpuinfo=None: True)
     assert _overflow_fix(p) == "disable" and STAGE.key_facts(p) == {"cpu_vnni": "True"}
     assert STAGE.key_facts(STAGE.params()) == {}  # fp32: the CPU does not change the output
-    assert _overflow_fix(STAGE.params(quantization="static", calibration={}, overflow_fix="enable")) == "enable"
+    assert (
+        _overflow_fix(STAGE.params(quantization="static", calibration={}, overflow_fix="enable")) == "enable"
+    )
+
+
+def test_a_quantized_component_below_its_floor_can_keep_fp32(
+    tmp_path: Path,
+    sd15_onnx: InputArtifact,
+    tiny_sd15_artifact: InputArtifact,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``below_floor: keep_fp32`` an INT8 component that misses its floor (here: an int8 floor of
+    200 dB no quantization reaches) ships as fp32, gated as fp32, and the manifest keeps what it measured."""
+    from sdkiln.runtime.contract.floors import Gate
+    from sdkiln.stages.common.onnx import transform
+    from sdkiln.stages.export_openvino import STAGE
+
+    real = transform.gate_for
+    monkeypatch.setattr(
+        transform, "gate_for", lambda c, prec: Gate(min_sqnr_db=200.0) if prec == "int8" else real(c, prec)
+    )
+    params = {
+        "quantization": "weights",
+        "quantize": ["text_encoder"],
+        "components": ["text_encoder"],
+        "below_floor": "keep_fp32",
+        "parity": PARITY,
+    }
+    ctx = run_stage(STAGE, params, {"onnx": sd15_onnx, "model": tiny_sd15_artifact}, tmp_path)
+    assert ctx.components["text_encoder"]["precision"] == "fp32"
+    kept = ctx.details["openvino"]["kept_fp32"]["text_encoder"]
+    assert kept["gate"] == {"min_sqnr_db": 200.0} and 15 < kept["worst"]["sqnr_db"] < 200
+    assert ctx.metrics["parity"]["text_encoder"]["gate"]["max_abs"] == tolerance("text_encoder").fp32_max_abs
+    assert ctx.details["openvino"]["components"]["text_encoder"]["quantization"] == "none"
+    params["below_floor"] = "fail"
+    with pytest.raises(ParityError, match="text_encoder.*SQNR"):
+        run_stage(STAGE, params, {"onnx": sd15_onnx, "model": tiny_sd15_artifact}, tmp_path / "again")

@@ -129,9 +129,10 @@ class GraphTransform:
         parity: ParityParams,
         provider: str = "CPUExecutionProvider",
         session: Any = None,
-    ) -> None:
+    ) -> list[str]:
         """Gate the saved graph against the PyTorch reference at its recorded precision; ``session``
-        runs it (default: ONNX Runtime on ``provider``; anything with ``get_outputs()`` and ``run``)."""
+        runs it (default: ONNX Runtime on ``provider``; anything with ``get_outputs()`` and ``run``).
+        Returns this component's failures (also collected in the report)."""
         module = oc.torch_graph(self.loaded, comp)
         cases = oc.parity_cases(
             module,
@@ -144,7 +145,17 @@ class GraphTransform:
         )
         precision = self.ctx.components[comp.key]["precision"]
         sess = session if session is not None else ou.session(self.out_path(comp), provider)
+        before = len(self.report.failures)
         self.report.check(comp.key, sess, cases, gate_for(comp.key, precision))
+        return self.report.failures[before:]
+
+    def below_floor(self, comp: oc.Component, failures: list[str]) -> dict[str, Any]:
+        """Take a component's gate failures back out of the report (the stage replaces the component by
+        its fp32 version and gates that instead); returns what the failed candidate measured, for the
+        manifest's record of what was tried and did not pass."""
+        self.report.failures = [f for f in self.report.failures if f not in failures]
+        tried = self.report.results.pop(comp.key)
+        return {"gate": tried["gate"], "worst": tried["worst"], "failures": failures}
 
     # -- the end --------------------------------------------------------------------------------------
     def finish(self, what: str, details: dict[str, Any] | None = None, parity: bool = True) -> None:

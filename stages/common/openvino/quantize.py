@@ -47,9 +47,12 @@ def weighted_matmuls(model: Any) -> list[str]:
     names = []
     for op in model.get_ops():
         kind = op.get_type_name()
-        if kind == "MatMul" and (_from_constant(op, 0) or _from_constant(op, 1)):
-            names.append(op.get_friendly_name())
-        elif kind == "Gather" and _from_constant(op, 0):
+        if (
+            kind == "MatMul"
+            and (_from_constant(op, 0) or _from_constant(op, 1))
+            or kind == "Gather"
+            and _from_constant(op, 0)
+        ):
             names.append(op.get_friendly_name())
     return names
 
