@@ -45,7 +45,25 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--reference", default="torch", help="the variant ratios are taken against (default torch)"
     )
-    s.add_argument("--no-taesd", action="store_true", help="no +taesd end-to-end variants")
+    s.add_argument("--no-taesd", action="store_true", help="no fast runs with the TAESD decoder")
+    s.add_argument(
+        "--levers",
+        type=_csv,
+        default=("taesd",),
+        help="fast-profile runs on the fast base, each a '+'-joined set of levers: taesd, steps<N>, "
+        "cn<K> (ControlNet on the first K steps), e.g. taesd,taesd+steps2 (default taesd; 'none')",
+    )
+    s.add_argument(
+        "--fast-base",
+        default="auto",
+        help="the variant the levers run on (default auto: the fastest whose components all met their floors)",
+    )
+    s.add_argument("--task-repeat", type=int, help="timed rounds of the task phase (default: --repeat)")
+    s.add_argument(
+        "--no-record",
+        action="store_true",
+        help="do not record this run's picks for backend='auto' (~/.cache/sdkiln/bench/<machine>.json)",
+    )
     s.add_argument("--peak-max-n", type=int, default=2048, help="largest GEMM side of the peak probe")
     s.add_argument("--timeout", type=float, default=3600.0, help="seconds one worker call may take")
     s.add_argument(
@@ -77,6 +95,15 @@ def bench_command(args: argparse.Namespace) -> int:
         raise UserError(f"--size {args.size}: must be a positive multiple of 8")
     if args.steps < 1:
         raise UserError("--steps must be >= 1")
+    levers = () if tuple(args.levers) in (("none",), ()) else tuple(args.levers)
+    if args.no_taesd:
+        levers = tuple(lv for lv in levers if "taesd" not in lv.split("+"))
+    from sdkiln.stages.tools.bench.tasks import parse_levers
+
+    for lv in levers:
+        parse_levers(lv, args.steps)  # a bad lever fails before any work
+    if args.task_repeat is not None and args.task_repeat < 1:
+        raise UserError("--task-repeat must be >= 1")
     config = BenchConfig(
         bundle=Path(args.bundle),
         backends=args.backends,
@@ -88,7 +115,10 @@ def bench_command(args: argparse.Namespace) -> int:
         size=args.size,
         steps=args.steps,
         reference=args.reference,
-        taesd_e2e=not args.no_taesd,
+        levers=levers,
+        fast_base=args.fast_base,
+        task_repeat=args.task_repeat,
+        record=not args.no_record,
         peak_max_n=args.peak_max_n,
         timeout_s=args.timeout,
         settle_s=args.settle,
@@ -104,4 +134,10 @@ def bench_command(args: argparse.Namespace) -> int:
     print(to_markdown(report))
     for kind, p in paths.items():
         print(f"{kind}: {p}")
+    if config.record:
+        from sdkiln.stages.tools.bench.report import record_for_auto
+
+        where = record_for_auto(report, paths["json"])
+        if where is not None:
+            print(f"recorded for backend='auto': {where}")
     return 0
