@@ -60,6 +60,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--task-repeat", type=int, help="timed rounds of the task phase (default: --repeat)")
     s.add_argument(
+        "--deepcache",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the PyTorch reference with DeepCache-style reuse of the UNet's deep features "
+        "(full every N steps, shallow between) and report its time and deviation (default 0: off)",
+    )
+    s.add_argument(
         "--no-record",
         action="store_true",
         help="do not record this run's picks for backend='auto' (~/.cache/sdkiln/bench/<machine>.json)",
@@ -80,7 +88,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         default="benchmarks/results",
         help="where the JSON/MD/PNG go (default benchmarks/results)",
     )
-    s.add_argument("--readme", help="a Markdown file whose latest-results section to replace")
+    s.add_argument(
+        "--readme",
+        action="append",
+        help="a Markdown file whose latest-results section to replace (repeatable)",
+    )
     s.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     s.set_defaults(func=bench_command)
 
@@ -104,6 +116,8 @@ def bench_command(args: argparse.Namespace) -> int:
         parse_levers(lv, args.steps)  # a bad lever fails before any work
     if args.task_repeat is not None and args.task_repeat < 1:
         raise UserError("--task-repeat must be >= 1")
+    if args.deepcache < 0 or args.deepcache == 1:
+        raise UserError("--deepcache N: N >= 2 (full every N steps), or 0 for off")
     config = BenchConfig(
         bundle=Path(args.bundle),
         backends=args.backends,
@@ -118,6 +132,7 @@ def bench_command(args: argparse.Namespace) -> int:
         levers=levers,
         fast_base=args.fast_base,
         task_repeat=args.task_repeat,
+        deepcache=args.deepcache,
         record=not args.no_record,
         peak_max_n=args.peak_max_n,
         timeout_s=args.timeout,
@@ -129,7 +144,7 @@ def bench_command(args: argparse.Namespace) -> int:
         report,
         Path(args.results_dir),
         chart=not args.no_chart,
-        readme=Path(args.readme) if args.readme else None,
+        readme=[Path(r) for r in args.readme or []],
     )
     print(to_markdown(report))
     for kind, p in paths.items():

@@ -308,6 +308,21 @@ def to_markdown(report: dict[str, Any], chart: str | None = None) -> str:
                     f"{_fmt_bytes(r.get('peak_rss_bytes'))} | {dev} | {par_s} |"
                 )
         lines.append("")
+    for row in report["tasks"]:
+        dc = (row.get("experiments") or {}).get("deepcache")
+        if dc:
+            unet = (
+                f"; UNet stage {_fmt_s(dc['unet_median_s'])} ({dc['unet_ratio_to_reference']:.2f}x the reference's)"
+                if dc.get("unet_ratio_to_reference")
+                else ""
+            )
+            lines += [
+                f"DeepCache-style reuse on the {row['task']} task (PyTorch reference, full every "
+                f"{dc['interval']} steps: {', '.join(dc['calls'])}): {_fmt_s(dc['median_s'])}, "
+                f"{dc['ratio_to_reference']:.2f}x the reference{unet}; deviation from the exact output "
+                f"{_fmt_dev(dc['deviation'])}. Not a runtime option unless that deviation is small.",
+                "",
+            ]
     rec = report.get("recommendation") or {}
     if rec.get("components"):
         lines += ["Fastest per component with parity above its floor (measured in this run):", ""]
@@ -419,7 +434,7 @@ def write_chart(report: dict[str, Any], path: Path) -> Path:
 
 
 def write_results(
-    report: dict[str, Any], results_dir: Path, chart: bool = True, readme: Path | None = None
+    report: dict[str, Any], results_dir: Path, chart: bool = True, readme: Path | list[Path] | None = None
 ) -> dict[str, Path]:
     """Write ``<timestamp>-<bundle>.json/.md/.png`` into ``results_dir`` (never overwriting an older
     run) and, if ``readme`` is given, replace its latest-results section."""
@@ -438,9 +453,9 @@ def write_results(
     tmp = paths["json"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
     os.replace(tmp, paths["json"])
-    if readme is not None:
-        rel = os.path.relpath(paths["png"], readme.parent) if "png" in paths else None
-        update_readme(readme, to_markdown(report, chart=rel), os.path.relpath(paths["json"], readme.parent))
+    for one in [readme] if isinstance(readme, Path) else readme or []:
+        rel = os.path.relpath(paths["png"], one.parent) if "png" in paths else None
+        update_readme(one, to_markdown(report, chart=rel), os.path.relpath(paths["json"], one.parent))
     return paths
 
 

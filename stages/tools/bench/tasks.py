@@ -414,6 +414,12 @@ def _bench_task(
         "  ".join(f"{r['variant']} {_fmt_s(r['median_s'])} ({r['ratio_to_reference']:.2f}x)" for r in rows),
     )
     best = min(rows, key=lambda r: r["ratio_to_reference"])
+    experiments = {}
+    if config.deepcache and variants[ref_worker].backend == "torch":
+        ref_row = next(r for r in rows if r["variant"] == ref_name)
+        experiments["deepcache"] = _deepcache(
+            task, params, pool.get(ref_worker), runs, ref_name, ref_row, ref_out, config, errors
+        )
     return {
         "task": task,
         "params": params,
@@ -424,6 +430,7 @@ def _bench_task(
         "results": rows,
         "fastest": best["variant"],
         "fastest_ratio": best["ratio_to_reference"],
+        "experiments": experiments,
         "notes": "Weights are random: quality is measured as deviation from the exact (reference) output, "
         "PSNR/SSIM of the image and SQNR of the final latents. An exact run's deviation is its end-to-end "
         "parity (floor by its precisions); a fast run's is the cost of its declared trade-offs, never "
@@ -437,3 +444,58 @@ def _task_config(config: BenchConfig) -> BenchConfig:
     from dataclasses import replace
 
     return replace(config, repeat=config.task_repeat or config.repeat)
+
+
+def _deepcache(
+    task: str,
+    params: dict[str, Any],
+    worker: Any,
+    runs: list[TaskRun],
+    ref_name: str,
+    ref_row: dict[str, Any],
+    ref_out: dict[str, Any],
+    config: BenchConfig,
+    errors: list[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The reference run again with DeepCache-style reuse (``deepcache.py``), in the reference's own
+    process after its timed rounds (not interleaved: its ratio compares with the reference's median of
+    this run), with its deviation from the exact output."""
+    ref = next(r for r in runs if r.name == ref_name)
+    try:
+        worker.call(
+            "load_runtime",
+            backend=ref.backend,
+            section=ref.section,
+            dtype=ref.dtype,
+            vaes=["full"],
+            preload=[task],
+        )
+        got = worker.call(
+            "deepcache",
+            task=task,
+            params=params,
+            interval=config.deepcache,
+            repeat=config.task_repeat or config.repeat,
+        )
+        out = worker.call("task_outputs", key="deepcache")
+        worker.call("unload")
+    except WorkerError as e:
+        record_error(errors, ref_name, f"task {task}", "deepcache", e)
+        return None
+    seconds = [x["seconds"] for x in got["runs"]]
+    unet = [x["timings"].get("unet") for x in got["runs"] if x["timings"].get("unet") is not None]
+    ref_unet = ref_row["stages_median_s"].get("unet")
+    return {
+        "interval": config.deepcache,
+        "calls": got["kinds"],
+        "description": got["description"],
+        "median_s": statistics.median(seconds),
+        "samples_s": seconds,
+        "ratio_to_reference": statistics.median(seconds) / ref_row["median_s"],
+        "unet_median_s": statistics.median(unet) if unet else None,
+        "unet_ratio_to_reference": statistics.median(unet) / ref_unet if unet and ref_unet else None,
+        "deviation": deviation(ref_out, out),
+        "method": "the PyTorch reference's UNet run full on every N-th step and shallow (conv_in, first down "
+        "block, last up block on the cached deep features) on the others, inside the runtime loop; timed "
+        "after the reference's rounds in the same process (not interleaved)",
+    }

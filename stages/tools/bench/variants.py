@@ -244,6 +244,7 @@ class BenchConfig:
     levers: tuple[str, ...] = ("taesd",)
     fast_base: str | None = "auto"
     task_repeat: int | None = None  # timed rounds of the task phase (None: ``repeat``)
+    deepcache: int = 0  # > 0: also run the reference with DeepCache-style reuse (full every N steps)
     record: bool = True  # write this machine's results for ``backend="auto"`` (~/.cache/sdkiln/bench)
     peak_max_n: int = 2048
     seed: int = 0

@@ -528,6 +528,22 @@ class _WorkerState:
         self.pixels[key or vae] = {"pixels": result.pixels, "latents": result.latents}
         return {"seconds": seconds, "timings": dict(result.timings), "steps": result.steps}
 
+    def deepcache(self, task: str, params: dict[str, Any], interval: int, repeat: int) -> dict[str, Any]:
+        """The task on the loaded torch pipeline with DeepCache-style feature reuse (``deepcache.py``):
+        ``repeat`` timed runs; the last run's outputs are kept under ``deepcache``."""
+        from sdkiln.runtime.pipeline import Pipeline
+        from sdkiln.stages.tools.bench.deepcache import DeepCacheBackend
+
+        base = self.pipes["full"]
+        backend = DeepCacheBackend(base.backend, interval)
+        pipe = Pipeline(backend, base.info, vae="full", source=base.source)
+        self.pipes["deepcache"] = pipe
+        runs = []
+        for _ in range(repeat):
+            backend.unet.reset()
+            runs.append(self.run_task(task, params, "deepcache", key="deepcache"))
+        return {"runs": runs, "kinds": list(backend.unet.kinds), "description": backend.description}
+
     def task_pixels(self, vae: str, key: str | None = None) -> Any:
         return self.pixels[key or vae]["pixels"]
 

@@ -178,11 +178,11 @@ def test_results_files_and_readme(bench_run: dict[str, Any]) -> None:
     png = next(f for f in files if f.suffix == ".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = next(f for f in files if f.suffix == ".md").read_text()
-    assert "| UNet step | torch |" in md and "| sketch (4 steps) | torch |" in md
+    assert "| UNet step (" in md and "| torch | fp32 |" in md and "| sketch (4 steps) | torch | exact |" in md
     readme = bench_run["readme"].read_text()
     assert readme.startswith("# Benchmarks\n\nIntro.") and readme.rstrip().endswith("End.")
-    assert "old" not in readme and f"results/{png.name}" in readme and "| UNet step |" in readme
-    assert bench_run["stdout"].count("| UNet step |") == 1
+    assert "old" not in readme and f"results/{png.name}" in readme and "| UNet step (" in readme
+    assert bench_run["stdout"].count("| UNet step (") == 1
 
 
 # --------------------------------------------------------------------------------------------------

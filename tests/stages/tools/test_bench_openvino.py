@@ -44,6 +44,8 @@ def ov_run(tiny_openvino_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
         "sketch",
         "--levers",
         LEVERS,
+        "--deepcache",
+        "2",
         "--repeat",
         "1",
         "--warmup",
@@ -143,7 +145,12 @@ def test_exact_and_fast_runs_and_the_picks(ov_run: dict[str, Any]) -> None:
             assert pick["label"].startswith("fast: PSNR") and "parity" not in pick["label"]
         elif pick["variant"] != "torch":
             assert pick["label"].startswith("with parity")
+    dc = task["experiments"]["deepcache"]
+    assert dc["calls"] == ["full", "shallow", "full", "shallow"] and dc["interval"] == 2
+    assert dc["ratio_to_reference"] == dc["median_s"] / runs["torch"]["median_s"]
+    assert dc["deviation"]["psnr_db"] is not None  # reuse is not exact
     md = bench.to_markdown(report)
+    assert "DeepCache-style reuse on the sketch task" in md
     assert "| openvino/int8 | int8 |" in md or "openvino/int8 **best** | int8 |" in md
     assert "n/a (fast: a declared trade-off)" in md and "deviation from the exact output" in md
 
