@@ -3,7 +3,8 @@
 ORT's ``MinMaxCalibrater`` makes every tensor it calibrates a graph output and keeps every output of
 every calibration run, so on the real-size SD 1.5 UNet it was killed above 23.7 GB (FACTS). Here each
 calibrated tensor gets a ``ReduceMin``/``ReduceMax`` pair placed right after the node that produces it
-(so ONNX Runtime can free the tensor as soon as the pair has read it), the graph is saved in the
+and the tensor's consumers made to wait for it (so ONNX Runtime runs the pair before them and can free
+the tensor once they are done; see ``augment``), the graph is saved in the
 model's own folder, next to its external data (the weights are never loaded into Python, and never
 hard-linked: onnx refuses data with several links), and only the two scalars per tensor come back from
 each run. The ranges are what the MinMax calibrator
@@ -48,26 +49,42 @@ def calibrated_tensors(model: Any, op_types: list[str]) -> list[str]:
 
 
 def augment(model: Any, tensors: list[str]) -> list[tuple[str, str]]:
-    """Add a ReduceMin/ReduceMax pair (keepdims 0) per tensor right after its producer, in place; the
-    pairs' outputs become graph outputs. Returns ``[(min_output, max_output)]`` in ``tensors`` order."""
-    from onnx import TensorProto, helper
+    """Add a ReduceMin/ReduceMax pair (keepdims 0) per tensor right after its producer, in place, and
+    make the tensor's consumers wait for the pair: they read ``t + 0 * (min + max)`` (the same values)
+    instead of ``t``. Without that dependency ONNX Runtime runs every reducer after the whole graph (they
+    are leaves of its reverse-DFS order), keeping every calibrated activation alive to the end: that is
+    what took the real UNet past 20 GB. The pairs' outputs become graph outputs. Returns
+    ``[(min_output, max_output)]`` in ``tensors`` order."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     wanted = set(tensors)
     names = {t: (f"__calib_min_{i}", f"__calib_max_{i}") for i, t in enumerate(tensors)}
+    gated = {t: f"{t}__calibrated" for t in tensors}
+    zero = "__calib_zero"
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
 
-    def pair(t: str) -> list[Any]:
+    def pair(t: str, i: int) -> list[Any]:
         lo, hi = names[t]
         return [
             helper.make_node("ReduceMin", [t], [lo], name=f"{lo}_node", keepdims=0),
             helper.make_node("ReduceMax", [t], [hi], name=f"{hi}_node", keepdims=0),
+            helper.make_node("Add", [lo, hi], [f"__calib_sum_{i}"], name=f"__calib_sum_{i}_node"),
+            helper.make_node(
+                "Mul", [f"__calib_sum_{i}", zero], [f"__calib_dep_{i}"], name=f"__calib_dep_{i}_node"
+            ),
+            helper.make_node("Add", [t, f"__calib_dep_{i}"], [gated[t]], name=f"__calib_gate_{i}_node"),
         ]
 
-    nodes = [n for t in tensors if t in {i.name for i in model.graph.input} for n in pair(t)]
+    index = {t: i for i, t in enumerate(tensors)}
+    graph_inputs = {i.name for i in model.graph.input}
+    nodes = [n for t in tensors if t in graph_inputs for n in pair(t, index[t])]
     for node in model.graph.node:
+        node.input[:] = [gated.get(x, x) for x in node.input]
         nodes.append(node)
         for out in node.output:
             if out in wanted:
-                nodes.extend(pair(out))
+                nodes.extend(pair(out, index[out]))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     for t in tensors:

@@ -10,7 +10,7 @@ from typing import Any
 from sdkiln.runtime.contract.errors import UserError
 from sdkiln.runtime.contract.manifest import BundleManifest, Section, read_bundle_manifest
 
-SCHEMA = 1
+SCHEMA = 2
 
 # --------------------------------------------------------------------------------------------------
 # Variants (data)

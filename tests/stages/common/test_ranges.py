@@ -59,8 +59,11 @@ def test_ranges_match_ort_minmax_calibrator(tmp_path: Path) -> None:
     order = []
     real_save = onnx.save
 
+    inputs_of = {}
+
     def spy(model, path, *a, **kw):  # the augmented graph is written, used and removed
         order.extend(n.name for n in model.graph.node)
+        inputs_of.update({n.name: list(n.input) for n in model.graph.node})
         return real_save(model, path, *a, **kw)
 
     import unittest.mock
@@ -79,9 +82,17 @@ def test_ranges_match_ort_minmax_calibrator(tmp_path: Path) -> None:
             max(float(w_hi), 0.0)
         )
 
-    # each reducer pair sits right after the node whose output it reads (the tensor can be freed early)
-    assert order[:3] == ["__calib_min_0_node", "__calib_max_0_node", "conv"]  # graph input x first
-    assert order[order.index("conv") + 1].startswith("__calib_min_")
+    # each reducer pair sits right after the node whose output it reads, and that node's consumers
+    # wait for it (they read ``t + 0 * (min + max)``): ONNX Runtime can then free ``t`` early
+    assert order[:5] == [
+        "__calib_min_0_node",
+        "__calib_max_0_node",
+        "__calib_sum_0_node",
+        "__calib_dep_0_node",
+        "__calib_gate_0_node",
+    ]
+    assert order[5] == "conv" and order[6].startswith("__calib_min_")
+    assert inputs_of["conv"][0] == "x__calibrated" and inputs_of["relu"] == ["c__calibrated"]
 
 
 def test_quantize_reads_hard_linked_external_data(tmp_path: Path) -> None:
