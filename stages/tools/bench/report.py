@@ -261,10 +261,13 @@ def to_markdown(report: dict[str, Any], chart: str | None = None) -> str:
     ]
     if report["components"]:
         lines += [
-            "| component | variant | precision | median | min - max | x ref | peak RSS | artifact | GFLOP/s | % of its precision's peak | kernels | parity vs reference |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+            "| component | variant | precision | median | min - max | x ref | x ref (CPU s) | peak RSS | artifact | GFLOP/s | % of its precision's peak | kernels | parity vs reference |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for row in report["components"]:
+            ref_cpu = next(
+                (x.get("cpu_median_s") for x in row["results"] if x["variant"] == row["reference"]), None
+            )
             for i, r in enumerate(row["results"]):
                 fps = f"{r['flops_per_s'] / 1e9:.1f}" if r["flops_per_s"] else "-"
                 frac = r.get("fraction_of_dtype_peak")
@@ -274,17 +277,20 @@ def to_markdown(report: dict[str, Any], chart: str | None = None) -> str:
                 lines.append(
                     f"| {label if i == 0 else ''} | {r['variant']}{best} | {r.get('precision', '-')} | "
                     f"{_fmt_s(r['median_s'])} | {_fmt_s(r['min_s'])} - {_fmt_s(r['max_s'])} | "
-                    f"{r['ratio_to_reference']:.2f} | {_fmt_bytes(r['peak_rss_bytes'])} | "
+                    f"{r['ratio_to_reference']:.2f} | {_cpu_ratio(r, ref_cpu)} | {_fmt_bytes(r['peak_rss_bytes'])} | "
                     f"{_fmt_bytes(r['artifact_bytes'])} | {fps} | {frac_s} | {_fmt_kernels(r.get('kernels'))} | "
                     f"{_fmt_parity(r['parity'], r['variant'] == row['reference'])} |"
                 )
         lines.append("")
     if report["tasks"]:
         lines += [
-            "| task | run | profile | precision per component | median | x ref | text / ControlNet / UNet / decode | peak RSS | deviation from the exact output | end-to-end parity |",
-            "|---|---|---|---|---:|---:|---|---:|---|---|",
+            "| task | run | profile | precision per component | median | x ref | x ref (CPU s) | text / ControlNet / UNet / decode | peak RSS | deviation from the exact output | end-to-end parity |",
+            "|---|---|---|---|---:|---:|---:|---|---:|---|---|",
         ]
         for row in report["tasks"]:
+            ref_cpu = next(
+                (x.get("cpu_median_s") for x in row["results"] if x["variant"] == row["reference"]), None
+            )
             for i, r in enumerate(row["results"]):
                 st = r["stages_median_s"]
                 parts = " / ".join(
@@ -304,7 +310,7 @@ def to_markdown(report: dict[str, Any], chart: str | None = None) -> str:
                 label = f"{row['task']} ({row['params'].get('steps')} steps)" if i == 0 else ""
                 lines.append(
                     f"| {label} | {r['variant']} | {r.get('profile', 'exact')} | {_fmt_precisions(r.get('precisions'))} | "
-                    f"{_fmt_s(r['median_s'])} | {r['ratio_to_reference']:.2f} | {parts} | "
+                    f"{_fmt_s(r['median_s'])} | {r['ratio_to_reference']:.2f} | {_cpu_ratio(r, ref_cpu)} | {parts} | "
                     f"{_fmt_bytes(r.get('peak_rss_bytes'))} | {dev} | {par_s} |"
                 )
         lines.append("")
@@ -376,6 +382,13 @@ def to_markdown(report: dict[str, Any], chart: str | None = None) -> str:
     if chart:
         lines += [f"![benchmark chart]({chart})", ""]
     return "\n".join(lines)
+
+
+def _cpu_ratio(r: dict[str, Any], ref_cpu: float | None) -> str:
+    """The median process CPU seconds (all threads) over the reference's: steadier than wall time on a
+    shared machine, though it counts ONNX Runtime's and OpenMP's spin-waiting too."""
+    cpu = r.get("cpu_median_s")
+    return f"{cpu / ref_cpu:.2f}" if cpu and ref_cpu else "-"
 
 
 def _peak_name(precision: str) -> str:

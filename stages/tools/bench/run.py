@@ -245,6 +245,7 @@ def _bench_component(
     ref_samples: dict[str, list[float]] = {}  # per variant: the reference's samples of its group
     results: dict[str, dict[str, Any]] = {}
     outputs: dict[str, dict[str, Any]] = {}
+    cpu: dict[str, list[float]] = {}
 
     def on_error(stage: str) -> Any:
         def record(name: str, e: Exception) -> None:
@@ -282,6 +283,7 @@ def _bench_component(
             try:
                 mem = w.call("memory")
                 outputs[name] = w.call("outputs")
+                cpu[name] = w.call("cpu_samples")[-config.repeat :]
             except WorkerError as e:
                 failed.add(name)
                 on_error("outputs")(name, e)
@@ -328,6 +330,8 @@ def _bench_component(
                 "reference_samples_s": ref_samples[name],
                 "reference_median_s": ref_median,
                 "ratio_to_reference": stats["median_s"] / ref_median,
+                "cpu_samples_s": cpu.get(name),
+                "cpu_median_s": statistics.median(cpu[name]) if cpu.get(name) else None,
                 "artifact_bytes": artifact_bytes(bundle, members[name], component),
                 "flops_per_s": flops_per_s,
                 "fraction_of_fp32_peak": flops_per_s / fp32_peak if flops_per_s and fp32_peak else None,

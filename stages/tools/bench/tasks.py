@@ -369,6 +369,7 @@ def _bench_task(
             continue
         seconds = [x["seconds"] for x in samples[r.name]]
         stats = summarize(seconds)
+        cpu = [x["cpu_seconds"] for x in samples[r.name] if "cpu_seconds" in x]
         ref_median = statistics.median(ref_samples[r.name])
         stages = {
             k: statistics.median(x["timings"][k] for x in samples[r.name] if k in x["timings"])
@@ -401,6 +402,7 @@ def _bench_task(
                 "reference_samples_s": ref_samples[r.name],
                 "reference_median_s": ref_median,
                 "ratio_to_reference": stats["median_s"] / ref_median,
+                "cpu_median_s": statistics.median(cpu) if cpu else None,
                 "stages_median_s": stages,
                 "deviation": dev,
                 "psnr_db_vs_reference": dev["psnr_db"] if dev else None,

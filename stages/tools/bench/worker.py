@@ -197,6 +197,7 @@ class _WorkerState:
         self.memory_reset = False
         self.baseline: int | None = None
         self.kernels: dict[str, Any] | None = None
+        self.cpu: list[float] = []
 
     # -- setup, peak ---------------------------------------------------------------------------------
 
@@ -275,6 +276,7 @@ class _WorkerState:
         t0 = time.perf_counter()
         assert self.variant is not None and self.bundle is not None
         self.kernels = None
+        self.cpu: list[float] = []
         if self.variant["backend"] == "torch":
             weight_bytes = self._load_torch(component, feeds)
         elif self.variant["backend"] == "openvino":
@@ -419,15 +421,22 @@ class _WorkerState:
         return weight_bytes
 
     def run(self, n: int) -> list[float]:
+        """Wall seconds of ``n`` calls; the process CPU seconds of each (all threads) are kept for
+        ``cpu_samples``: on a shared machine they vary less than wall time."""
         times = []
         ctx = _inference_mode(self.variant)
         with ctx:
             for _ in range(n):
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 out = self.fn()
                 times.append(time.perf_counter() - t0)
+                self.cpu.append(time.process_time() - c0)
         self.last = out
         return times
+
+    def cpu_samples(self) -> list[float]:
+        """CPU seconds of every timed call since the component was loaded (warm-up calls included first)."""
+        return list(self.cpu)
 
     def outputs(self) -> dict[str, Any]:
         import numpy as np
@@ -523,10 +532,17 @@ class _WorkerState:
             req = edit_request(
                 pipe, photo, p["prompt"], strength=p["strength"], control=p["control"], **common, **control
             )
+        c0 = time.process_time()
         result = pipe.generate(req)
+        cpu = time.process_time() - c0
         seconds = time.perf_counter() - t0
         self.pixels[key or vae] = {"pixels": result.pixels, "latents": result.latents}
-        return {"seconds": seconds, "timings": dict(result.timings), "steps": result.steps}
+        return {
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "timings": dict(result.timings),
+            "steps": result.steps,
+        }
 
     def deepcache(self, task: str, params: dict[str, Any], interval: int, repeat: int) -> dict[str, Any]:
         """The task on the loaded torch pipeline with DeepCache-style feature reuse (``deepcache.py``):
