@@ -73,6 +73,9 @@ class Pipeline:
         ]
         gen = generation_defaults(info.family, lcm=info.lcm)
         self.default_steps, self.default_guidance = gen.steps, gen.guidance
+        # Set by ``load(..., backend="auto")``: the configuration chosen and why, and its ControlNet end.
+        self.choice: Any = None
+        self.default_control_end = 1.0
 
     def __repr__(self) -> str:
         return f"Pipeline({self.source or self.info.section!r}, backend={self.backend.description}, vae={self.vae})"
@@ -201,6 +204,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         n = len(timesteps)
+        spent = {"controlnet": 0.0, "unet": 0.0}  # inside denoise: where the step time goes
         for i in progress(range(n), "denoise", n):
             t = timesteps[i]
             model_in = np.concatenate([latents, latents]) if cfg else latents
@@ -212,13 +216,18 @@ class Pipeline:
                 "encoder_hidden_states": cond["hidden"],
                 **extra,
             }
+            t1 = time.perf_counter()
             residuals = self._residuals(controlnet, req.control, control_image, feeds, i, n, unet)
+            t2 = time.perf_counter()
             out = self._run(unet, {**feeds, **residuals})["out_sample"]
+            spent["controlnet"] += t2 - t1
+            spent["unet"] += time.perf_counter() - t2
             if cfg:
                 uncond, text = out[:batch], out[batch:]
                 out = uncond + guidance * (text - uncond)
             latents = scheduler.step(out.astype(np.float32), i, latents, rng).prev_sample
         timings["denoise"] = time.perf_counter() - t0
+        timings.update(spent if controlnet is not None else {"unet": spent["unet"]})
 
         if on_latents is not None:
             on_latents(latents)
@@ -239,6 +248,7 @@ class Pipeline:
             guidance=guidance,
             cfg=cfg,
             seed=req.seed,
+            latents=latents,
             settings={
                 "height": height,
                 "width": width,
