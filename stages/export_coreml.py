@@ -43,7 +43,6 @@ from pydantic import Field
 
 from sdkiln.runtime.contract.errors import ParityError, UserError
 from sdkiln.runtime.contract.layout import Kind
-from sdkiln.stages.common.coreml.io import psnr_floor
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
@@ -195,6 +194,8 @@ def convert_component(
     import numpy as np
     import torch
 
+    from sdkiln.stages.common.coreml import io as cio
+
     with torch.no_grad(), warnings.catch_warnings():
         # diffusers' shape asserts become trace-time constants: expected with fixed Core ML shapes.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -222,7 +223,7 @@ def convert_component(
     mlmodel.author = "sdkiln"
     mlmodel.user_defined_metadata.update(metadata)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    mlmodel.save(str(out_path))
+    cio.save_package(mlmodel, out_path)
 
 
 # fp16's largest finite value, and the headroom ``vae_compute_precision: auto`` wants below it.
@@ -355,7 +356,7 @@ def run(ctx: StageContext) -> None:
         parity = crb.measure_packages(
             [package], src.path, key, model_class, p.attention, added_cond, example, reference
         )
-        floor = psnr_floor(key, facts, p.min_psnr_db, palettized=False)
+        floor = cio.psnr_floor(key, facts, p.min_psnr_db, palettized=False)
         worst = parity.worst_db
         if worst < floor:
             failures.append(f"{key}: PSNR {worst:.1f} dB < {floor:.1f} dB")
@@ -429,7 +430,7 @@ def _controlnet_config(folder: Path, key: str) -> dict[str, Any]:
 
 STAGE = Stage(
     name="export_coreml",
-    version="1",
+    version="2",  # 2: packages saved reproducibly (common.coreml.io.normalize_package)
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.COREML,
     params=ExportCoremlParams,
