@@ -430,7 +430,7 @@ def _controlnet_config(folder: Path, key: str) -> dict[str, Any]:
 
 STAGE = Stage(
     name="export_coreml",
-    version="2",  # 2: packages saved reproducibly (common.coreml.io.normalize_package)
+    version="3",  # 2: packages saved reproducibly (common.coreml.io); 3: VAE compute precision
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.COREML,
     params=ExportCoremlParams,

@@ -260,7 +260,7 @@ def _rmtree(path: Any) -> None:
 
 STAGE = Stage(
     name="export_onnx",
-    version="1",
+    version="2",  # 2: contract inputs a component ignores stay as unused graph inputs
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.ONNX,
     params=ExportOnnxParams,

@@ -334,7 +334,7 @@ def _bundle_dir(params: LoadPipelineParams) -> str | None:
 
 STAGE = Stage(
     name="load_pipeline",
-    version="2",  # 2: configs carry no _name_or_path (a path of the machine that built it)
+    version="3",  # 2: configs carry no _name_or_path; 3: per-folder variant fallback, index-driven shards
     inputs={},
     output_kind=Kind.PIPELINE,
     params=LoadPipelineParams,
