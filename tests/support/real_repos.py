@@ -373,10 +373,12 @@ def real_repos(work: Path) -> dict[str, dict[str, bytes]]:
 
 
 def weight_paths_fetched(requests: list[tuple[str, str]]) -> dict[str, list[str]]:
-    """The files downloaded per repo (``GET /{repo}/resolve/{rev}/{path}`` in a request log)."""
+    """The files requested per repo (``GET`` or ``HEAD /{repo}/resolve/{rev}/{path}`` in a request log).
+    HEAD counts: huggingface_hub skips the GET of a file whose content it already holds (two tokenizer
+    folders with the same vocabulary), yet the build asked for that file."""
     out: dict[str, list[str]] = {}
     for method, path in requests:
-        if method != "GET" or "/resolve/" not in path:
+        if method not in ("GET", "HEAD") or "/resolve/" not in path:
             continue
         repo, _, rest = path.lstrip("/").partition("/resolve/")
         out.setdefault(repo, []).append(rest.split("/", 1)[1])
