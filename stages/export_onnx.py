@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 from sdkiln.runtime.contract.errors import BuildError
 from sdkiln.runtime.contract.layout import Kind
 from sdkiln.stages.common.onnx.parity import ParityParams
+from sdkiln.stages.common.onnx.pipeline_calls import PipelineParityParams
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class ExportOnnxParams(StageParams):
     )
     external_data: Literal["auto", "always", "never"] = "auto"
     parity: ParityParams = ParityParams()
+    # An independent reference: the calls diffusers' own pipelines make, at the model's resolution
+    # (capped at 512 px on this CPU budget), batch 1 and 2 (common/onnx/pipeline_calls.py).
+    pipeline_parity: PipelineParityParams = PipelineParityParams()
 
     @model_validator(mode="after")
     def _check(self) -> ExportOnnxParams:
@@ -141,6 +145,14 @@ def export_graph(
             program.save(str(path), external_data=True)
 
 
+def _reference_size(unet_cfg: dict[str, Any], fam: Any, cap: int = 512) -> int:
+    """The model's own image size in pixels, capped (an SDXL UNet at 1024 px and batch 4 under CFG does not
+    fit beside the export in this machine's memory)."""
+    sample = unet_cfg.get("sample_size") or 64
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return min(int(sample) * fam.vae_scale_factor, cap)
+
+
 def run(ctx: StageContext) -> None:
     import torch
 
@@ -170,6 +182,22 @@ def run(ctx: StageContext) -> None:
     nodes: dict[str, int] = {}
     export_s: dict[str, float] = {}
     external: list[str] = []
+    pipeline_cases: dict[str, list[Any]] = {}
+    if p.pipeline_parity.enabled:
+        from sdkiln.stages.common.onnx.pipeline_calls import pipeline_cases as run_pipelines
+
+        pp = p.pipeline_parity
+        size = p.static.height if p.static else (pp.size or _reference_size(unet_cfg, fam))
+        with ctx.timed("pipeline_reference_s"):
+            pipeline_cases = run_pipelines(
+                loaded, comps, size=size, batch_sizes=pp.batch_sizes, steps=pp.steps, seed=pp.seed,
+                static=static_axes,
+            )  # fmt: skip
+        ctx.details["pipeline_parity"] = {
+            "size": size,
+            "batch_sizes": pp.batch_sizes,
+            "calls": {k: len(v) for k, v in pipeline_cases.items()},
+        }
     example_size = p.static.height if p.static else max(p.parity.image_sizes)
     example_axes = static_axes or oc.bindings(2, example_size, example_size, fam.vae_scale_factor)
 
@@ -213,6 +241,7 @@ def run(ctx: StageContext) -> None:
             fam.vae_scale_factor,
             static_axes,
         )
+        cases += pipeline_cases.pop(comp.key, [])
         report.check(comp.key, ou.cpu_session(out_path), cases, gate_for(comp.key, prec))
         del module, cases
 
@@ -256,7 +285,7 @@ def _rmtree(path: Any) -> None:
 
 STAGE = Stage(
     name="export_onnx",
-    version="1",
+    version="2",
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.ONNX,
     params=ExportOnnxParams,

@@ -147,7 +147,26 @@ class GraphTransform:
         sess = session if session is not None else ou.session(self.out_path(comp), provider)
         before = len(self.report.failures)
         self.report.check(comp.key, sess, cases, gate_for(comp.key, precision))
+        self.check_weights(comp)
         return self.report.failures[before:]
+
+    def check_weights(self, comp: oc.Component) -> None:
+        """Gate a saved ONNX graph's fp16/int8 weights against its fp32 source graph's (``weights``):
+        output floors cannot see a single layer a few percent off under fp16 or int8 noise."""
+        from sdkiln.stages.common.onnx.weights import weight_drift
+
+        out, src = self.out_path(comp), self.in_path(comp)
+        if out.suffix != ".onnx" or self.entry(comp)["precision"] != "fp32" or not out.is_file():
+            return
+        drift = weight_drift(out, src)
+        if not drift.errors:
+            return
+        worst = drift.worst()
+        self.report.results.setdefault(comp.key, {})["weights"] = {
+            "max_rel_rms": {k: float(f"{v:.4g}") for k, v in worst.items()},
+            "coverage": round(drift.coverage, 4),
+        }
+        self.report.failures += [f"{comp.key}: {f}" for f in drift.failures()[:5]]
 
     def below_floor(self, comp: oc.Component, failures: list[str]) -> dict[str, Any]:
         """Take a component's gate failures back out of the report (the stage replaces the component by
