@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
