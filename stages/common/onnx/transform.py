@@ -24,6 +24,7 @@ from typing import Any
 
 from sdkiln.runtime.contract.errors import BuildError, UserError
 from sdkiln.stages.common.onnx import components as oc
+from sdkiln.stages.common.onnx import defaults as od
 from sdkiln.stages.common.onnx import io as ou
 from sdkiln.stages.common.onnx.parity import ParityParams, ParityReport, gate_for
 from sdkiln.stages.engine.core import StageContext
@@ -87,11 +88,13 @@ class GraphTransform:
         self.bytes[comp.key] = ou.files_bytes(files)
         self.ctx.components[comp.key] = self.entry(comp)
 
-    def save(self, comp: oc.Component, model: Any, wanted: str | None = None) -> list[Path]:
-        """Save a transformed graph in the component's place, check that its I/O spec did not change,
-        and record it with the precision its weights hold (``wanted``: what the stage meant to make;
-        a difference is recorded as a warning)."""
-        entry = self.entry(comp)
+    def save(
+        self, comp: oc.Component, model: Any, wanted: str | None = None, entry: dict[str, Any] | None = None
+    ) -> list[Path]:
+        """Save a transformed graph in the component's place, check that its I/O spec did not change
+        (or is ``entry``'s, a stage's new manifest entry for it), and record it with the precision its
+        weights hold (``wanted``: what the stage meant to make; a difference is recorded as a warning)."""
+        entry = entry or self.entry(comp)
         files = ou.save_model(model, self.out_path(comp), "auto", restore=False)
         spec = ou.io_spec(model)
         problems = ou.spec_mismatches(spec, {k: entry[k] for k in ("inputs", "outputs")}, comp.key)
@@ -121,9 +124,12 @@ class GraphTransform:
             self.static,
         )
         precision = self.ctx.components[comp.key]["precision"]
-        self.report.check(
-            comp.key, ou.session(self.out_path(comp), provider), cases, gate_for(comp.key, precision)
-        )
+        session = ou.session(self.out_path(comp), provider)
+        self.report.check(comp.key, session, cases, gate_for(comp.key, precision))
+        # A graph with optional ControlNet residuals must still mean "no ControlNet" when they are left out.
+        unfed = od.check_unfed(session, cases[0].feeds, f"{self.ctx.stage.name} {comp.key}")
+        if unfed:
+            self.ctx.metrics.setdefault("optional_inputs", {})[comp.key] = unfed
 
     # -- the end --------------------------------------------------------------------------------------
     def finish(self, what: str, details: dict[str, Any] | None = None, parity: bool = True) -> None:
