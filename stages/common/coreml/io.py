@@ -40,6 +40,7 @@ from sdkiln.runtime.contract.layout import (
 from sdkiln.runtime.contract.manifest import ModelFacts
 from sdkiln.runtime.contract.metrics import compare
 from sdkiln.stages.common.coreml.attention import apply_attention
+from sdkiln.stages.common.coreml.flexible import tie_batch
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,12 @@ class TextEncoderIO(nn.Module):
 
 class UnetIO(nn.Module):
     """``sample, timestep, encoder_hidden_states (B, D, 1, 77)[, timestep_cond][, text_embeds, time_ids]
-    [, additional_residual_0..N-1]`` -> ``noise_pred``. The last residual is the mid-block one."""
+    [, additional_residual_0..N-1]`` -> ``noise_pred``. The last residual is the mid-block one.
+
+    ``tie`` (set for a flexible-batch conversion) reshapes every input to ``sample``'s batch first
+    (``flexible.tie_batch``)."""
+
+    tie = False
 
     def __init__(
         self, unet: nn.Module, attention: str, timestep_cond: bool, added_cond: bool, residuals: int
@@ -146,6 +152,9 @@ class UnetIO(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *extra: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        if self.tie:
+            timestep, encoder_hidden_states, *rest = tie_batch(sample, timestep, encoder_hidden_states, *extra)
+            extra = tuple(rest)
         context = (
             encoder_hidden_states if self.channels_first else encoder_hidden_states.squeeze(2).transpose(1, 2)
         )
@@ -168,7 +177,10 @@ class UnetIO(nn.Module):
 
 class ControlNetIO(nn.Module):
     """``sample, timestep, encoder_hidden_states (B, D, 1, 77), controlnet_cond, conditioning_scale
-    [, text_embeds, time_ids]`` -> ``additional_residual_0..N-1`` (down residuals, then the mid one)."""
+    [, text_embeds, time_ids]`` -> ``additional_residual_0..N-1`` (down residuals, then the mid one).
+    ``tie``: as ``UnetIO``'s."""
+
+    tie = False
 
     def __init__(self, controlnet: nn.Module, attention: str, added_cond: bool):
         super().__init__()
@@ -179,6 +191,11 @@ class ControlNetIO(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor,
                 *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        if self.tie:
+            timestep, encoder_hidden_states, controlnet_cond, *rest = tie_batch(
+                sample, timestep, encoder_hidden_states, controlnet_cond, *extra
+            )
+            extra = tuple(rest)
         context = (
             encoder_hidden_states if self.channels_first else encoder_hidden_states.squeeze(2).transpose(1, 2)
         )
