@@ -35,7 +35,21 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     p.add_argument(
         "--backend",
         default="onnx",
-        help="onnx (default), torch (PyTorch reference), coreml, tensorrt or torch_cuda (NVIDIA GPUs)",
+        help="onnx (default), openvino, torch (PyTorch reference), coreml, tensorrt or torch_cuda (NVIDIA "
+        "GPUs), or auto: the configuration `sdkiln bench` measured fastest on this machine (see --profile)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("exact", "fast"),
+        default="exact",
+        help="with --backend auto: exact (same algorithm, parity passed) or fast (declared trade-offs: "
+        "TAESD, fewer steps, ControlNet on the first steps; their measured deviation is printed)",
+    )
+    p.add_argument(
+        "--inference-precision",
+        choices=("f32", "bf16"),
+        default="f32",
+        help="openvino: f32 (exact; default) or bf16 (a fast-profile trade-off where the CPU has it)",
     )
     p.add_argument(
         "--section", help="bundle section to run, e.g. onnx/int8 (default: onnx/fp32, torch/fused)"
@@ -57,7 +71,11 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     p.add_argument(
         "--control-start", type=float, default=0.0, help="fraction of steps before ControlNet starts"
     )
-    p.add_argument("--control-end", type=float, default=1.0, help="fraction of steps after which it stops")
+    p.add_argument(
+        "--control-end",
+        type=float,
+        help="fraction of steps after which it stops (default 1.0, or the auto configuration's)",
+    )
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument(
@@ -141,7 +159,19 @@ def run_command(args: argparse.Namespace) -> int:
         provider=args.provider,
         cuda_graphs=args.cuda_graphs,
         compile=args.compile,
+        inference_precision=args.inference_precision,
+        profile=args.profile,
+        task=args.task,
     )
+    if pipe.choice is not None:
+        print(pipe.choice.describe())
+        pick = pipe.choice.details.get("pick") or {}
+        if pick.get("profile_of_run") == "fast" and pick.get("deviation"):
+            d = pick["deviation"]
+            print(
+                f"  measured deviation from the exact output (random-weight benchmark): PSNR {d.get('psnr_db')} dB, "
+                f"SSIM {d.get('ssim')}, final-latent SQNR {d.get('latents_sqnr_db')} dB"
+            )
     pipe.preload(pipe.components_for(args.task, None if args.control == "none" else args.control))
     timings["load"] = time.perf_counter() - t0
     logger.info("%s: %s", args.task, pipe)
@@ -190,9 +220,16 @@ def run_command(args: argparse.Namespace) -> int:
         f"wrote {out}  ({result.settings['width']}x{result.settings['height']}, {result.steps} step{'s' if result.steps != 1 else ''}, "
         f"guidance {result.guidance:g}{' with CFG' if result.cfg else ''}, seed {result.seed}, {pipe.backend.description})"
     )
+    inside = ("controlnet", "unet")  # parts of denoise: shown under it, not added to the total
     for stage, seconds in timings.items():
-        print(f"  {stage:<13} {seconds * 1000:9.1f} ms")
-    print(f"  {'total':<13} {sum(timings.values()) * 1000:9.1f} ms")
+        if stage not in inside:
+            print(f"  {stage:<13} {seconds * 1000:9.1f} ms")
+        if stage == "denoise":
+            for part in inside:
+                if part in timings:
+                    print(f"    {part:<11} {timings[part] * 1000:9.1f} ms")
+    total = sum(v for k, v in timings.items() if k not in inside)
+    print(f"  {'total':<13} {total * 1000:9.1f} ms")
     return 0
 
 

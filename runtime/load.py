@@ -47,8 +47,10 @@ CorruptBundleError = CorruptArtifactError
 
 def check_backend(backend: str) -> None:
     """Fail fast, before reading any bundle, when a backend is unknown or its library is missing."""
+    if backend == "auto":
+        return  # the chosen backend is checked once chosen
     if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}, auto")
     if backend == "onnx":
         from sdkiln.runtime.backends.onnx import _ort
 
@@ -68,6 +70,10 @@ def check_backend(backend: str) -> None:
         from sdkiln.runtime.backends.torch_cuda import require_cuda
 
         require_cuda()
+    elif backend == "openvino":
+        from sdkiln.runtime.backends.openvino import _ov
+
+        _ov()
     else:
         from sdkiln.runtime.backends.coreml import _coremltools
 
@@ -130,6 +136,15 @@ def pick_section(manifest: BundleManifest, backend: str, section: str | None) ->
     if not matching:
         have = ", ".join(f"{n} ({e.kind})" for n, e in sorted(sections.items())) or "none"
         raise UserError(f"the bundle has no {kind} section for the {backend} backend (it has: {have})")
+    if len(matching) > 1:  # never guess between two artifacts (e.g. onnx/fp16 and onnx/int8)
+        listed = ", ".join(f"{n} ({sections[n].precision or 'precision unknown'})" for n in matching)
+        raise UserError(
+            f"the bundle has no {PREFERRED[backend]} section and {len(matching)} {kind} sections fit the "
+            f"{backend} backend: {listed}; choose one with --section (load(..., section=...))"
+        )
+    logger.info(
+        "the bundle has no %s section: using %s, its only %s section", PREFERRED[backend], matching[0], kind
+    )
     return matching[0]
 
 
@@ -200,7 +215,7 @@ def model_info(
             taesd=False,
             default_size=size or base.default_size,
         )
-    onnx = entry.kind in ("onnx", "tensorrt")  # TensorRT-ready ONNX keeps the ONNX layout
+    onnx = entry.kind in ("onnx", "tensorrt", "openvino")  # TensorRT-ready ONNX and IR keep the ONNX layout
     unet_cfg = _json(folder / "unet" / "config.json", "UNet config")
     vae_cfg = _json(folder / ("vae_decoder" if onnx else "vae") / "config.json", "VAE config")
     taesd_dir = folder / ("taesd_decoder" if onnx else VAE_TINY_DIR)
@@ -259,6 +274,7 @@ def open_section(
     compile: str = "none",
     engine_sections: list[tuple[Path, Section]] | None = None,
     bundle_files: dict[str, Any] | None = None,
+    inference_precision: str = "f32",
 ) -> Pipeline:
     """A Pipeline over one section folder and its manifest entry (a bundle ``Section`` or a build cache
     ``ArtifactManifest``: the same blocks). No verification here; ``load`` verifies before calling it.
@@ -286,6 +302,15 @@ def open_section(
 
         files = bundle_files if bundle_files is not None else _prefixed(entry, section)
         be = TensorrtBackend(folder, entry, files, section, engine_sections, cuda_graphs=cuda_graphs)
+    elif backend == "openvino":
+        from sdkiln.runtime.backends import openvino as ovb
+
+        be = ovb.OpenVinoBackend(
+            folder,
+            components or ovb.discover(folder),
+            inference_precision=inference_precision,
+            threads=threads,
+        )
     elif backend == "torch_cuda":
         from sdkiln.runtime.backends.torch_cuda import TorchCudaBackend
 
@@ -353,6 +378,9 @@ def load(
     memo: Any = None,
     cuda_graphs: bool = False,
     compile: str = "none",
+    inference_precision: str = "f32",
+    profile: str = "exact",
+    task: str = "sketch",
 ) -> Pipeline:
     """Load a bundle for one backend.
 
@@ -369,12 +397,23 @@ def load(
         cuda_graphs: tensorrt/torch_cuda: replay each denoising call as a captured CUDA graph.
         compile: torch_cuda: ``none``, ``default``, ``max-autotune-no-cudagraphs`` or ``reduce-overhead``
             (``torch.compile`` modes).
+        inference_precision: openvino: ``f32`` (exact; the default) or ``bf16`` (where the CPU has it).
+        profile, task: ``backend="auto"`` only: run the configuration ``sdkiln bench`` measured fastest on
+            this machine for this bundle and ``task`` (``sketch``, ``text``, ``edit``): ``exact`` (the same
+            algorithm, parity passed) or ``fast`` (declared trade-offs with their measured deviation); see
+            ``sdkiln.runtime.auto``. ``pipe.choice`` says what was chosen and why.
 
     Example::
 
         pipe = load("artifacts/tiny", backend="onnx")
         img = pipe.text("a lighthouse at dusk", steps=1, seed=7)
     """
+    if backend == "auto":
+        if section is not None:
+            raise UserError("a section does not apply to backend 'auto' (it picks one); leave --section out")
+        return _load_auto(
+            model, profile=profile, task=task, threads=threads, verify=verify, memo=memo, provider=provider
+        )
     check_backend(backend)
     # Core ML takes its configs from the bundle's pipeline section, so that one is fetched too.
     fetch_as = {"torch_cuda": "torch"}.get(backend, backend)
@@ -426,4 +465,32 @@ def load(
         compile=compile,
         engine_sections=engines,
         bundle_files=manifest.files,
+        inference_precision=inference_precision,
     )
+
+
+def _load_auto(model: str | Path, *, profile: str, task: str, **kwargs: Any) -> Pipeline:
+    """``backend="auto"``: choose (``runtime.auto``), load the chosen configuration, and keep the choice."""
+    from sdkiln.runtime.auto import PROFILES, choose
+
+    if profile not in PROFILES:
+        raise UserError(f"unknown profile {profile!r}; choose from: {', '.join(PROFILES)}")
+    root = resolve_source(str(model), None)
+    choice = choose(root, read_bundle_manifest(root), profile=profile, task=task)
+    s = choice.settings
+    check_backend(s["backend"])
+    pipe = load(
+        root,
+        backend=s["backend"],
+        section=s["section"],
+        vae=s.get("vae", "full"),
+        dtype=s.get("dtype") or "float32",
+        inference_precision=s.get("inference_precision") or "f32",
+        **kwargs,
+    )
+    pipe.choice = choice
+    if s.get("steps"):
+        pipe.default_steps = int(s["steps"])
+    pipe.default_control_end = float(s.get("control_end") or 1.0)
+    logger.info("%s", choice.describe())
+    return pipe

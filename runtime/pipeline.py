@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -73,6 +73,9 @@ class Pipeline:
         ]
         gen = generation_defaults(info.family, lcm=info.lcm)
         self.default_steps, self.default_guidance = gen.steps, gen.guidance
+        # Set by ``load(..., backend="auto")``: the configuration chosen and why, and its ControlNet end.
+        self.choice: Any = None
+        self.default_control_end = 1.0
 
     def __repr__(self) -> str:
         return f"Pipeline({self.source or self.info.section!r}, backend={self.backend.description}, vae={self.vae})"
@@ -134,8 +137,17 @@ class Pipeline:
 
     # -- the loop ---------------------------------------------------------------------------------------
 
-    def generate(self, req: Request, progress: Progress | None = None) -> Result:
-        """Run one request: encode prompts, denoise from seeded noise (or a noised image), decode."""
+    def generate(
+        self,
+        req: Request,
+        progress: Progress | None = None,
+        on_latents: Callable[[np.ndarray], None] | None = None,
+    ) -> Result:
+        """Run one request: encode prompts, denoise from seeded noise (or a noised image), decode.
+
+        ``on_latents`` is called with the final latents just before the VAE decodes them (the studio
+        decodes them with TAESD, see ``decode``, to show a preview while the full decode runs).
+        """
         progress = progress or _plain
         timings: dict[str, float] = {}
         steps = self.default_steps if req.steps is None else req.steps
@@ -192,6 +204,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         n = len(timesteps)
+        spent = {"controlnet": 0.0, "unet": 0.0}  # inside denoise: where the step time goes
         for i in progress(range(n), "denoise", n):
             t = timesteps[i]
             model_in = np.concatenate([latents, latents]) if cfg else latents
@@ -203,14 +216,21 @@ class Pipeline:
                 "encoder_hidden_states": cond["hidden"],
                 **extra,
             }
+            t1 = time.perf_counter()
             residuals = self._residuals(controlnet, req.control, control_image, feeds, i, n, unet)
+            t2 = time.perf_counter()
             out = self._run(unet, {**feeds, **residuals})["out_sample"]
+            spent["controlnet"] += t2 - t1
+            spent["unet"] += time.perf_counter() - t2
             if cfg:
                 uncond, text = out[:batch], out[batch:]
                 out = uncond + guidance * (text - uncond)
             latents = scheduler.step(out.astype(np.float32), i, latents, rng).prev_sample
         timings["denoise"] = time.perf_counter() - t0
+        timings.update(spent if controlnet is not None else {"unet": spent["unet"]})
 
+        if on_latents is not None:
+            on_latents(latents)
         t0 = time.perf_counter()
         decoded = self._decode(latents)
         timings["vae_decoder"] = time.perf_counter() - t0
@@ -228,6 +248,7 @@ class Pipeline:
             guidance=guidance,
             cfg=cfg,
             seed=req.seed,
+            latents=latents,
             settings={
                 "height": height,
                 "width": width,
@@ -239,6 +260,16 @@ class Pipeline:
                 ),
             },
         )
+
+    def decode(self, latents: np.ndarray) -> list[Image.Image]:
+        """Final latents (as ``generate`` passes them to ``on_latents``) to images with this pipeline's VAE.
+
+        A ``vae="tiny"`` pipeline over the same backend turns them into a TAESD preview::
+
+            preview = Pipeline(pipe.backend, pipe.info, vae="tiny")
+            pipe.generate(request, on_latents=lambda lat: show(preview.decode(lat)[0]))
+        """
+        return to_pil(to_pixels(self._decode(latents)))
 
     # -- pieces of the loop -----------------------------------------------------------------------------
 

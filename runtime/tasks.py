@@ -39,6 +39,10 @@ def _prompts(prompt: str | list[str], negative: str | list[str] | None, style: s
     return [p for p, _ in styled], (None if all(n is None for n in out_neg) else [n or "" for n in out_neg])
 
 
+def _control_end(pipe: Any, control_end: float | None) -> float:
+    return float(getattr(pipe, "default_control_end", 1.0)) if control_end is None else control_end
+
+
 def text_request(
     pipe: Sized,
     prompt: str | list[str],
@@ -71,15 +75,18 @@ def sketch_request(
     style: str | None = None,
     conditioning_scale: float = 1.0,
     control_start: float = 0.0,
-    control_end: float = 1.0,
+    control_end: float | None = None,
     threshold: int = 128,
     invert: bool | None = None,
 ) -> Request:
-    """ControlNet-scribble txt2img from a drawing (path, PIL image or uint8 array)."""
+    """ControlNet-scribble txt2img from a drawing (path, PIL image or uint8 array). ``control_end``
+    defaults to the pipeline's (1.0; a fast configuration chosen by ``backend="auto"`` may stop the
+    ControlNet earlier)."""
     prompts, negatives = _prompts(prompt, negative_prompt, style)
     h, w = pipe.size(height, width)
     cond = scribble_condition(sketch, w, h, threshold=threshold, invert=invert)
-    control = Control("scribble", cond, conditioning_scale, control_start, control_end)
+    end = _control_end(pipe, control_end)
+    control = Control("scribble", cond, conditioning_scale, control_start, end)
     return Request(prompts, negatives, steps, guidance, seed, h, w, control=control)
 
 
@@ -94,7 +101,7 @@ def edit_request(
     canny_high: int = 200,
     conditioning_scale: float = 1.0,
     control_start: float = 0.0,
-    control_end: float = 1.0,
+    control_end: float | None = None,
     negative_prompt: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
@@ -114,7 +121,7 @@ def edit_request(
     ctrl = None
     if control == "canny":
         cond = canny_condition(image, w, h, low=canny_low, high=canny_high)
-        ctrl = Control("canny", cond, conditioning_scale, control_start, control_end)
+        ctrl = Control("canny", cond, conditioning_scale, control_start, _control_end(pipe, control_end))
     return Request(
         prompts, negatives, steps, guidance, seed, h, w, init_image=init, strength=strength, control=ctrl
     )

@@ -74,3 +74,4 @@ class Result:
     cfg: bool
     seed: int
     settings: dict[str, Any] = field(default_factory=dict)
+    latents: np.ndarray | None = None  # the final latents the decoder got (before VAE scaling)

@@ -62,29 +62,65 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+# -- remote cache and executors (engine/remote.py, engine/executors.py) ----------------------------
+def _remote(args: argparse.Namespace, check: bool = True):  # -> RemoteCache | None
+    from sdkiln.stages.engine.remote import open_remote, resolve_settings
+
+    settings = resolve_settings(
+        getattr(args, "remote", None),
+        disabled=getattr(args, "no_remote", False),
+        no_push=getattr(args, "no_remote_push", False),
+    )
+    return open_remote(settings, check=check) if settings is not None else None
+
+
+def _add_remote_args(s: argparse.ArgumentParser, push: bool) -> None:
+    s.add_argument("--remote", metavar="URL", help="shared cache: s3://, gs://, hf://, file:// or a folder")
+    s.add_argument("--no-remote", action="store_true", help="ignore $SDKILN_REMOTE and sdkiln.toml")
+    if push:
+        s.add_argument("--no-remote-push", action="store_true", help="pull from the remote, never push")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from sdkiln.stages.engine import plan
 
-    rows = plan(Path(args.recipe), _artifacts(args), args.overrides, stages=_stages())
+    rows = plan(
+        Path(args.recipe),
+        _artifacts(args),
+        args.overrides,
+        stages=_stages(),
+        remote=_remote(args, check=False),
+    )
     width = max(len(r.step) for r in rows)
     for r in rows:
-        print(f"{r.step:<{width}}  {r.stage:<17} {r.status:<4}  {r.reason}")
+        status = f"HIT ({r.source or 'local'})" if r.status == "HIT" else r.status
+        print(f"{r.step:<{width}}  {r.stage:<17} {status:<12}  {r.reason}")
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from sdkiln.stages.engine import build
 
-    result = build(
-        Path(args.recipe),
-        _artifacts(args),
-        args.overrides,
-        force=set(args.force or ()),
-        frozen=args.frozen,
-        stages=_stages(),
-    )
+    common = dict(force=set(args.force or ()), frozen=args.frozen, stages=_stages(), remote=_remote(args))
+    if args.executor == "ray":
+        from sdkiln.stages.engine.executors import build_on_ray
+
+        result = build_on_ray(
+            Path(args.recipe), _artifacts(args), args.overrides, address=args.address, **common
+        )
+    else:
+        if args.address:
+            raise UserError("--address is the Ray cluster's address: it goes with --executor ray")
+        result = build(Path(args.recipe), _artifacts(args), args.overrides, **common)
     hits = sum(s.status == "HIT" for s in result.steps)
-    logger.info("%d steps: %d cached, %d built", len(result.steps), hits, len(result.steps) - hits)
+    pulled = sum(s.status == "HIT" and s.source == "remote" for s in result.steps)
+    logger.info(
+        "%d steps: %d cached, %d built%s",
+        len(result.steps),
+        hits,
+        len(result.steps) - hits,
+        f" ({pulled} pulled from the remote)" if pulled else "",
+    )
     print(result.bundle)
     return 0
 
@@ -130,6 +166,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from sdkiln.stages.engine import gc
     from sdkiln.stages.engine.cache import dir_size
 
+    if args.remote is not None:
+        return _gc_remote(args)
     doomed = gc(_artifacts(args), dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for e in doomed:
@@ -137,6 +175,31 @@ def cmd_gc(args: argparse.Namespace) -> int:
         stage, step = (e.manifest.stage, e.manifest.step) if e.manifest else ("?", "?")
         print(f"{verb} {e.key[:12]}  {stage} {step} {_human(size)}")
     print(f"{verb} {len(doomed)} unreferenced entr{'y' if len(doomed) == 1 else 'ies'}")
+    return 0
+
+
+def _gc_remote(args: argparse.Namespace) -> int:
+    from sdkiln.stages.engine.remote import gc_remote, open_remote, resolve_settings
+
+    settings = resolve_settings(None if args.remote is True else args.remote)
+    if settings is None:
+        raise UserError(
+            "gc --remote: no remote configured; give one (gc --remote s3://bucket/prefix), or set "
+            "SDKILN_REMOTE, or [remote] url = ... in sdkiln.toml"
+        )
+    remote = open_remote(settings, check=False)
+    report = gc_remote(remote, _artifacts(args), dry_run=args.dry_run, keep_hours=args.keep_hours)
+    verb = "would remove" if args.dry_run else "removed"
+    for key, m in report.removed:
+        stage, step, created = (m.stage, m.step, m.created) if m else ("?", "?", "?")
+        print(f"{verb} {key[:12]}  {stage} {step}  {created}")
+    for note in report.notes:
+        print(f"note: {note}")
+    n = len(report.removed)
+    print(
+        f"{verb} {n} unreferenced entr{'y' if n == 1 else 'ies'} and {report.blobs} unused file(s) from "
+        f"{remote.display}; kept {report.kept}"
+    )
     return 0
 
 
@@ -154,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="show HIT/MISS for each step, with the reason")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_remote_args(s, push=False)
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("build", help="build a recipe and assemble its bundle")
@@ -161,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps.unet_6bit.params.nbits=4")
     s.add_argument("--force", action="append", metavar="STEP", help="rebuild this step even if cached")
     s.add_argument("--frozen", action="store_true", help="use the lock's pins; never re-resolve revisions")
+    _add_remote_args(s, push=True)
+    s.add_argument(
+        "--executor", choices=("local", "ray"), default="local", help="where steps run (default: here)"
+    )
+    s.add_argument(
+        "--address", metavar="ADDR", help="Ray cluster address for --executor ray (or RAY_ADDRESS)"
+    )
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("verify", help="re-hash a bundle or cache entry against its manifest")
@@ -172,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("gc", help="remove cache entries that no bundle's lock refers to")
     s.add_argument("--dry-run", action="store_true")
+    s.add_argument(
+        "--remote",
+        nargs="?",
+        const=True,
+        metavar="URL",
+        help="collect the remote cache instead (the configured one, or URL): keeps what the locks pushed "
+        "there and this machine's bundles refer to",
+    )
+    s.add_argument(
+        "--keep-hours", type=float, default=24.0, help="with --remote: keep entries built this recently (24)"
+    )
     s.set_defaults(func=cmd_gc)
 
     _add_optional(sub)
@@ -185,6 +267,7 @@ def _add_optional(sub: argparse._SubParsersAction) -> None:
     for module, adder in (
         ("sdkiln.runtime.cli", "add_run_parser"),
         ("sdkiln.runtime.cli", "add_demo_parser"),
+        ("sdkiln.runtime.studio.cli", "add_studio_parser"),
         ("sdkiln.stages.tools.publish.cli", "add_publish_parser"),
         ("sdkiln.stages.tools.bench.cli", "add_bench_parser"),
     ):
@@ -224,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         "coremltools",
         "torch",
         "onnxscript",
+        "botocore",
+        "aiobotocore",
+        "s3fs",
+        "fsspec",
+        "ray",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     start = _dt.datetime.now()

@@ -47,7 +47,6 @@ from pydantic import Field, model_validator
 
 from sdkiln.runtime.contract.errors import ParityError, UserError
 from sdkiln.runtime.contract.layout import Kind
-from sdkiln.stages.common.coreml.io import psnr_floor
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
@@ -234,6 +233,7 @@ def convert_component(
     import torch
 
     from sdkiln.stages.common.coreml import flexible
+    from sdkiln.stages.common.coreml import io as cio
 
     batch = batch or flexible.BatchPlan((plan.inputs[0].shape[0],), "fixed")
     if batch.flexible:
@@ -262,7 +262,7 @@ def convert_component(
     mlmodel.user_defined_metadata.update(metadata)
     problems = flexible.program_problems(mlmodel, batch)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    mlmodel.save(str(out_path))
+    cio.save_package(mlmodel, out_path)
     return problems
 
 
@@ -355,7 +355,7 @@ def run(ctx: StageContext) -> None:
             [package], src.path, key, model_class, p.attention, added_cond, example, reference,
             [(ex, ref) for _, ex, ref in cases[1:]],
         )  # fmt: skip
-        floor = psnr_floor(key, facts, p.min_psnr_db, palettized=False)
+        floor = cio.psnr_floor(key, facts, p.min_psnr_db, palettized=False)
         worst = parity.worst_db
         if worst < floor:
             failures.append(f"{key}: PSNR {worst:.1f} dB < {floor:.1f} dB")
@@ -431,7 +431,9 @@ def _controlnet_config(folder: Path, key: str) -> dict[str, Any]:
 
 STAGE = Stage(
     name="export_coreml",
-    version="2",  # 2: UNet/ControlNet take batch 1 and 2 (flexible_batch)
+    # 2: packages saved reproducibly (common.coreml.io.normalize_package); 3: UNet/ControlNet take batch 1
+    # and 2 (flexible_batch)
+    version="3",
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.COREML,
     params=ExportCoremlParams,

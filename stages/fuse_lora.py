@@ -435,7 +435,7 @@ def count_lora_modules(keys: list[str]) -> int:
 
 STAGE = Stage(
     name="fuse_lora",
-    version="1",
+    version="2",  # 2: configs carry no _name_or_path (a path of the machine that built it)
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.PIPELINE,
     params=FuseLoraParams,

@@ -328,7 +328,7 @@ def _bundle_dir(params: LoadPipelineParams) -> str | None:
 
 STAGE = Stage(
     name="load_pipeline",
-    version="1",
+    version="2",  # 2: configs carry no _name_or_path (a path of the machine that built it)
     inputs={},
     output_kind=Kind.PIPELINE,
     params=LoadPipelineParams,

@@ -133,6 +133,8 @@ def palettize_package(
     leave it as it is); embedding tables (``gather`` inputs) are left alone."""
     import coremltools as ct
 
+    from sdkiln.stages.common.coreml import io as cio
+
     config = ct.optimize.coreml.OptimizationConfig(
         global_config=op_config(params, params.nbits),
         op_type_configs={"gather": None},
@@ -143,7 +145,7 @@ def palettize_package(
     model = ct.models.MLModel(str(src), skip_model_load=True)
     out = ct.optimize.coreml.palettize_weights(model, config=config)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    out.save(str(dst))
+    cio.save_package(out, dst)
 
 
 def eligible_weights(
@@ -344,6 +346,8 @@ def chunk_unet(package: Path, chunk_paths: list[Path], work_dir: Path) -> None:
     ``bisect_model``: the cut follows the op order, at half the weight bytes)."""
     import coremltools as ct
 
+    from sdkiln.stages.common.coreml import io as cio
+
     tmp = work_dir / f"chunks-{package.stem}"
     ct.models.utils.bisect_model(str(package), str(tmp), check_output_correctness=False)
     made = [tmp / f"{package.stem}_chunk{i}.mlpackage" for i in (1, 2)]
@@ -352,6 +356,7 @@ def chunk_unet(package: Path, chunk_paths: list[Path], work_dir: Path) -> None:
             raise BuildError(f"bisect_model did not write {src.name}")
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(dst))
+        cio.normalize_package(dst)
 
 
 def check_chunks(full: Any, first: Any, second: Any) -> list[str]:
@@ -577,7 +582,9 @@ def _check_interface(spec: Any, comp: dict[str, Any]) -> list[str]:
 
 STAGE = Stage(
     name="palettize_coreml",
-    version="1",
+    # 2: packages saved reproducibly (common.coreml.io.normalize_package); 3: flexible-batch packages
+    # measured at both batch sizes, chunks declared at the default batch
+    version="3",
     inputs={"coreml": (Kind.COREML,), "model": (Kind.PIPELINE,)},
     output_kind=Kind.COREML,
     params=PalettizeCoremlParams,

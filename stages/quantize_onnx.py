@@ -58,6 +58,11 @@ class QuantizeOnnxParams(StageParams):
         description="keys or kinds to quantize; default: text encoders, unet, controlnets, vae_encoder",
     )
     per_channel: bool = Field(default=False, description="per-output-channel weight scales")
+    reduce_range: bool | Literal["auto"] = Field(
+        default=False,
+        description="7-bit weights, for CPUs without VNNI (their u8 x s8 multiply-add saturates in 16 bits); "
+        "auto: when the building CPU has no VNNI",
+    )
     activation_type: Literal["uint8", "int8", "uint16"] = Field(
         default="uint8", description="static: activation type (uint16 = A16W8 via QDQ contrib ops)"
     )
@@ -72,6 +77,11 @@ class QuantizeOnnxParams(StageParams):
         gt=0.0,
         le=1.0,
         description="keep a graph fp32 when int8 shrinks it less than this (int8/fp32 bytes)",
+    )
+    below_floor: Literal["fail", "keep_fp32"] = Field(
+        default="fail",
+        description="a component below its int8 parity floor fails the build, or keeps its fp32 graph "
+        "(what the int8 graph measured is recorded in details.quantization.below_floor)",
     )
     require_int8: bool = Field(
         default=False,
@@ -89,6 +99,39 @@ class QuantizeOnnxParams(StageParams):
         if self.mode == "dynamic" and self.activation_type != "uint8":
             raise ValueError("activation_type: dynamic quantization always uses uint8 activations")
         return self
+
+
+def _reduce_range(p: QuantizeOnnxParams) -> bool:
+    if p.reduce_range != "auto":
+        return bool(p.reduce_range)
+    from sdkiln.runtime.machine import has_vnni
+
+    return not has_vnni()
+
+
+def _key_facts(p: QuantizeOnnxParams) -> dict[str, str]:
+    """``reduce_range: auto`` follows the building CPU's VNNI: it enters the cache key."""
+    if p.reduce_range == "auto":
+        from sdkiln.runtime.machine import has_vnni
+
+        return {"cpu_vnni": str(has_vnni())}
+    return {}
+
+
+def _readable(src: Path, work: Path) -> Path:
+    """``src``, or a private copy when its external data has several hard links (a bundle links the
+    cache's files): onnx >= 1.21 refuses to read such data ("potential hardlink attack")."""
+    import shutil
+
+    from sdkiln.stages.common.onnx import io as ou
+
+    files = ou.model_files(src)
+    if all(f.stat().st_nlink == 1 for f in files[1:]):
+        return src
+    work.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, work / f.name)
+    return work / src.name
 
 
 def _check_files(params: QuantizeOnnxParams, recipe_dir: Path) -> list[str]:
@@ -155,6 +198,7 @@ def quantize_graph(src: Path, dst: Path, p: QuantizeOnnxParams, calib: list[dict
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     big = (src.parent / ou.EXTERNAL_DATA_FILE).is_file()
+    src = _readable(src, dst.parent / "src")
     pre = dst.parent / "pre.onnx"
     # Symbolic shape inference is skipped: ORT's optimizer already folds the shapes it needs, and the
     # sympy pass costs minutes on a real UNet.
@@ -184,6 +228,7 @@ def quantize_graph(src: Path, dst: Path, p: QuantizeOnnxParams, calib: list[dict
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=excluded,
                 use_external_data_format=big,
+                reduce_range=_reduce_range(p),
                 extra_options=extra,
             )
         else:
@@ -198,19 +243,27 @@ def quantize_graph(src: Path, dst: Path, p: QuantizeOnnxParams, calib: list[dict
                 "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile,
             }[p.calibration_method]
+            cache = None
+            if p.calibration_method == "minmax":
+                # The same ranges as ORT's MinMax calibrator, without its memory (common/onnx/ranges.py).
+                from sdkiln.stages.common.onnx.ranges import minmax_cache
+
+                cache = minmax_cache(pre, calib or [], list(p.op_types))
             quantize_static(
                 str(pre),
                 str(out),
-                _Reader(calib or []),
+                None if cache else _Reader(calib or []),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(p.op_types),
                 per_channel=p.per_channel,
+                reduce_range=_reduce_range(p),
                 activation_type=act,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=excluded,
                 use_external_data_format=big,
                 calibrate_method=method,
                 extra_options=extra,
+                calibration_cache_path=str(cache) if cache else None,
             )
     model = ou.load_model(out)
     del model.graph.value_info[:]  # shape annotations the quantizer leaves; ORT infers its own
@@ -243,9 +296,14 @@ def run(ctx: StageContext) -> None:
                 else ""
             )
             raise UserError(f"calibration produced no inputs for {empty}{hint}")
+        t._loaded = None  # freed while quantizing (real-size UNets need the memory); the gates reload it
+        import gc
+
+        gc.collect()
 
     sizes: dict[str, Any] = {}
     kept: dict[str, str] = {}
+    below: dict[str, Any] = {}
     for comp in t.planned:
         if comp not in t.selected:
             t.copy(comp)
@@ -275,7 +333,15 @@ def run(ctx: StageContext) -> None:
         }
         if p.mode == "static":
             sizes[comp.key]["calibration_samples"] = len(calib[comp.key])
-        t.check_parity(comp, p.parity)
+        failures = t.check_parity(comp, p.parity)
+        if failures and p.below_floor == "keep_fp32":
+            below[comp.key] = {**t.below_floor(comp, failures), **sizes.pop(comp.key)}
+            for f in files:
+                f.unlink()
+            t.copy(comp)
+            t.check_parity(comp, p.parity)
+            kept[comp.key] = f"below its int8 floor ({'; '.join(failures[:2])})"
+            t.warnings.append(f"{comp.key}: kept fp32 ({kept[comp.key]})")
 
     # The whole section: every graph, quantized or not, against the fp32 graphs it came from.
     total_in = ou.files_bytes(f for c in t.planned for f in ou.model_files(t.in_path(c)))
@@ -307,10 +373,12 @@ def run(ctx: StageContext) -> None:
                 "mode": p.mode,
                 "op_types": list(p.op_types),
                 "per_channel": p.per_channel,
-                "weight_type": "int8",
+                "reduce_range": _reduce_range(p),
+                "weight_type": "int8 (7-bit range)" if _reduce_range(p) else "int8",
                 "activation_type": p.activation_type if p.mode == "static" else "uint8 (dynamic)",
                 "format": "QDQ" if p.mode == "static" else "integer ops",
                 "kept_fp32": kept,
+                "below_floor": below,
             }
         },
     )
@@ -327,4 +395,5 @@ STAGE = Stage(
     env_packages=("torch", "diffusers", "onnx", "onnxruntime"),
     bundle_dir=lambda p: "onnx/int8" if p.mode == "dynamic" else "onnx/int8-static",
     check=_check_files,
+    key_facts=_key_facts,
 )

@@ -61,8 +61,11 @@ def save_quantized(module: Any, folder: Path) -> int:
     from optimum.quanto import quantization_map
     from safetensors.torch import save_file
 
+    from sdkiln.stages.common.torch.pipeline import drop_local_paths
+
     folder.mkdir(parents=True, exist_ok=True)
     module.save_config(str(folder))
+    drop_local_paths(folder)
     save_file(module.state_dict(), str(folder / WEIGHTS_FILE))
     (folder / QMAP_FILE).write_text(json.dumps(quantization_map(module), indent=1, sort_keys=True))
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
@@ -200,7 +203,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="quantize_torch",
-    version="1",
+    version="2",  # 2: configs carry no _name_or_path (a path of the machine that built it)
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.TORCH_QUANTIZED,
     params=QuantizeTorchParams,

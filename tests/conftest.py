@@ -169,6 +169,46 @@ def tiny_lcm_bundle(
     return build_recipe(TINY_LCM_RECIPE, tmp_path_factory.mktemp("recipe"), "tiny-lcm-test", tiny_artifacts)
 
 
+TINY_OPENVINO_RECIPE = f"""
+name: tiny-openvino-test
+description: the tiny preset exported to ONNX fp32 and converted to OpenVINO IR (fp32, and static INT8)
+steps:
+  - id: base
+    stage: load_pipeline
+    bundle: torch/base
+    params: {{source: preset, preset: tiny-sd15-controlnet, seed: 0}}
+  - id: onnx
+    stage: export_onnx
+    inputs: {{model: base}}
+    params: {{{_TINY_PARITY}}}
+  - id: ov
+    stage: export_openvino
+    inputs: {{onnx: onnx, model: base}}
+    params: {{{_TINY_PARITY}}}
+  - id: ov_int8
+    stage: export_openvino
+    inputs: {{onnx: onnx, model: base}}
+    params:
+      quantization: static
+      quantize: [unet]
+      calibration: {{prompts: ["a red house", "a cat"], steps: 2, size: 64}}
+      {_TINY_PARITY}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_openvino_bundle(
+    tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path, tiny_bundle: Path
+) -> Path:
+    """A read-only engine-built bundle: ``torch/base``, ``onnx/fp32``, ``openvino/fp32`` and
+    ``openvino/int8`` (static INT8 UNet); shares the tiny bundle's cache."""
+    pytest.importorskip("openvino", reason="the OpenVINO bundle needs the openvino extra")
+    pytest.importorskip("nncf", reason="the OpenVINO bundle needs the openvino extra")
+    return build_recipe(
+        TINY_OPENVINO_RECIPE, tmp_path_factory.mktemp("recipe"), "tiny-openvino-test", tiny_artifacts
+    )
+
+
 # -- the NVIDIA path's CPU steps -------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ BACKEND_KINDS: dict[str, str] = {
     "coreml": Kind.COREML,
     "tensorrt": Kind.TENSORRT,  # TensorRT-ready ONNX, plus the engine sections built from it
     "torch_cuda": Kind.PIPELINE,
+    "openvino": Kind.OPENVINO,  # OpenVINO IR on the CPU
 }
 PREFERRED_SECTIONS: dict[str, str] = {
     "onnx": "onnx/fp32",
@@ -46,6 +47,7 @@ PREFERRED_SECTIONS: dict[str, str] = {
     "coreml": "coreml/split_einsum",
     "tensorrt": "tensorrt/onnx-fp16",
     "torch_cuda": "torch/fused",
+    "openvino": "openvino/fp32",
 }
 
 # -- PIPELINE (diffusers folder) -------------------------------------------------------------------
@@ -82,6 +84,16 @@ def onnx_folder(component: str) -> str:
 
 def onnx_path(component: str) -> str:
     return f"{onnx_folder(component)}/{MODEL_FILE}"
+
+
+# -- OpenVINO IR (the ONNX folder layout, one IR per component folder) ------------------------------
+OPENVINO_XML = "model.xml"
+OPENVINO_BIN = "model.bin"
+
+
+def openvino_path(component: str) -> str:
+    """Where a component's IR lives in an OPENVINO artifact: ``unet/model.xml``, ..."""
+    return f"{onnx_folder(component)}/{OPENVINO_XML}"
 
 
 # -- Core ML (Apple's Swift StableDiffusion resources) --------------------------------------------

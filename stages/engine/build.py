@@ -18,7 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdkiln.runtime.contract.digest import digest_of, file_table
 from sdkiln.runtime.contract.errors import BuildError, SdkilnError, UserError
@@ -30,6 +30,9 @@ from sdkiln.stages.engine.environment import environment
 from sdkiln.stages.engine.needs import unmet
 from sdkiln.stages.engine.plan import Planner, StepResult, bundle_path, plan, read_lock
 from sdkiln.stages.engine.recipe import Recipe, Step, load_recipe
+
+if TYPE_CHECKING:
+    from sdkiln.stages.engine.remote import RemoteCache
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +188,20 @@ def _preflight(recipe: Recipe, artifacts_root: Path, stages: dict[str, Stage], o
         )
 
 
+def load_for_build(
+    recipe_path: Path, stages: dict[str, Stage], overrides: list[str] | None, force: set[str] | None
+) -> tuple[Recipe, set[str]]:
+    """The recipe, and ``force`` checked to name its steps."""
+    recipe = load_recipe(Path(recipe_path), stages, overrides)
+    force = set(force or ())
+    unknown = force - {s.id for s in recipe.steps}
+    if unknown:
+        raise UserError(
+            f"--force {', '.join(sorted(unknown))}: no such step (steps: {', '.join(s.id for s in recipe.steps)})"
+        )
+    return recipe, force
+
+
 def build(
     recipe_path: Path,
     artifacts_root: Path,
@@ -193,16 +210,16 @@ def build(
     frozen: bool = False,
     *,
     stages: dict[str, Stage],
+    remote: RemoteCache | None = None,
 ) -> BuildResult:
-    """Build every step that is not cached, then assemble ``artifacts/<recipe-name>/``."""
+    """Build every step that is not cached, then assemble ``artifacts/<recipe-name>/``.
+
+    ``remote`` (a ``RemoteCache``): a local miss is pulled from it when it has the key, and what is
+    built (or cached here but absent there) is pushed to it. (``engine.executors.build_on_ray`` runs
+    the same steps as Ray tasks on a cluster.)
+    """
     artifacts_root = Path(artifacts_root)
-    recipe = load_recipe(Path(recipe_path), stages, overrides)
-    force = set(force or ())
-    unknown = force - {s.id for s in recipe.steps}
-    if unknown:
-        raise UserError(
-            f"--force {', '.join(sorted(unknown))}: no such step (steps: {', '.join(s.id for s in recipe.steps)})"
-        )
+    recipe, force = load_for_build(recipe_path, stages, overrides, force)
     _preflight(recipe, artifacts_root, stages, overrides, force)
     cache = Cache(artifacts_root)
     cache.clean_stale()
@@ -218,41 +235,62 @@ def build(
         kd = planner.key_data(step, input_digests, pins)
         key = compute_key(kd)
         entry, reason = (None, "forced") if step.id in force else cache.lookup(key)
-        status = "HIT"
+        status, source = "HIT", "local"
         if entry is None:
             why = reason if step.id in force else planner.why_changed(step, kd)
             with cache.lock(key):
                 if step.id not in force:
                     entry, _ = cache.lookup(key)  # a concurrent build may have made it meanwhile
+                if entry is None and remote is not None and step.id not in force:
+                    entry, remote_why = remote.pull(cache, key)
+                    if entry is not None:
+                        source, reason = "remote", remote_why
+                    elif remote_why != "not in remote cache":
+                        why = f"{why}; {remote_why}"  # a corrupt or partial remote entry, named
                 if entry is None:
-                    status = "MISS"
+                    status, source = "MISS", ""
                     logger.info(
                         "[%d/%d] %-14s %-16s MISS  (%s) running...", i, n, step.id, step.stage.name, why
                     )
                     entry = _run_step(recipe, step, cache, key, kd, pins, entries)
                     reason = why
+        if remote is not None and source != "remote":  # share what this machine has
+            if status == "MISS":
+                remote.push(entry)
+            else:
+                remote.ensure_pushed(entry)
         dt = time.perf_counter() - t0
-        logger.info("[%d/%d] %-14s %-16s %-4s  %.1fs", i, n, step.id, step.stage.name, status, dt)
+        shown = f"{status} ({source})" if source == "remote" else status
+        logger.info("[%d/%d] %-14s %-16s %-4s  %.1fs", i, n, step.id, step.stage.name, shown, dt)
         entries[step.id] = entry
         result.steps.append(
-            StepResult(step.id, step.stage.name, status, reason, key, entry.digest, round(dt, 3), entry.path)
+            StepResult(
+                step.id, step.stage.name, status, reason, key, entry.digest, round(dt, 3), entry.path, source
+            )
         )
         lock_steps[step.id] = {**kd, "key": key, "digest": entry.digest, "pins": pins}
     lock = {"schema": SCHEMA_VERSION, "recipe": recipe.name, "steps": lock_steps}
+    assemble(recipe, entries, lock, result.bundle)
+    if remote is not None:  # what `gc --remote` keeps
+        remote.push_lock(recipe.name, lock)
+    return result
+
+
+def assemble(recipe: Recipe, entries: dict[str, Entry], lock: dict[str, Any], bundle: Path) -> None:
+    """Write ``bundle`` from the entries of the recipe's steps that have a ``bundle_dir``."""
     parts = [
         BundlePart(step.bundle_dir, step.id, entries[step.id].path, _manifest(entries[step.id]))
         for step in recipe.steps
         if step.bundle_dir is not None
     ]
     assemble_bundle(
-        result.bundle,
+        bundle,
         name=recipe.name,
         description=recipe.description,
         recipe_raw=recipe.raw,
         parts=parts,
         lock=lock,
     )
-    return result
 
 
 def _manifest(entry: Entry) -> ArtifactManifest:

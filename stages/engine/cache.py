@@ -141,6 +141,11 @@ class Cache:
         manifest = ArtifactManifest.model_validate(
             {**manifest_fields, "key": key, "files": files, "digest": digest_of(files)}
         )
+        return self.install(key, tmp, manifest)
+
+    def install(self, key: str, tmp: Path, manifest: ArtifactManifest) -> Entry:
+        """fsync the payload in ``tmp``, write ``manifest`` last, rename into place (build and remote pull)."""
+        files = manifest.files
         _fsync_tree(tmp)
         write_json_atomic(tmp / MANIFEST, manifest.to_json())
         final = self.path(key)

@@ -16,13 +16,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdkiln.runtime.contract.errors import UserError
 from sdkiln.runtime.contract.layout import LOCK_FILE
 from sdkiln.stages.engine.cache import Cache, compute_key
 from sdkiln.stages.engine.core import Stage
 from sdkiln.stages.engine.recipe import Recipe, Step, load_recipe
+
+if TYPE_CHECKING:
+    from sdkiln.stages.engine.remote import RemoteCache
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class StepResult:
     digest: str | None = None
     duration_s: float = 0.0
     path: Path | None = None
+    source: str = ""  # for a HIT: "local" or "remote"; "" for a MISS
 
 
 class Planner:
@@ -159,8 +163,12 @@ def plan(
     overrides: list[str] | None = None,
     *,
     stages: dict[str, Stage],
+    remote: RemoteCache | None = None,
 ) -> list[StepResult]:
-    """HIT/MISS with the reason for every step, without running or resolving anything."""
+    """HIT/MISS with the reason for every step, without running or resolving anything.
+
+    With ``remote`` a local miss is looked up there too (its manifest only; no file is fetched).
+    """
     recipe = load_recipe(Path(recipe_path), stages, overrides)
     cache = Cache(artifacts_root)
     planner = Planner(recipe, read_lock(artifacts_root, recipe.name), frozen=False, resolve=False)
@@ -182,12 +190,25 @@ def plan(
         key = compute_key(kd)
         entry, reason = cache.lookup(key)
         if entry is not None:
-            rows.append(StepResult(step.id, step.stage.name, "HIT", "cached", key, entry.digest))
+            rows.append(
+                StepResult(step.id, step.stage.name, "HIT", "cached", key, entry.digest, source="local")
+            )
             digests[step.id] = entry.digest
-        else:
-            why = planner.why_changed(step, kd)
-            if reason != "not in cache":
-                why = reason if why == "not in cache" else f"{why}; {reason}"
-            rows.append(StepResult(step.id, step.stage.name, "MISS", why, key))
-            digests[step.id] = None
+            continue
+        if remote is not None:
+            manifest, remote_why = remote.fetch_manifest(key)
+            if manifest is not None:
+                rows.append(
+                    StepResult(
+                        step.id, step.stage.name, "HIT", remote_why, key, manifest.digest, source="remote"
+                    )
+                )
+                digests[step.id] = manifest.digest
+                continue
+            reason = f"{reason}; {remote_why}" if reason != "not in cache" else remote_why
+        why = planner.why_changed(step, kd)
+        if reason != "not in cache":
+            why = reason if why == "not in cache" else f"{why}; {reason}"
+        rows.append(StepResult(step.id, step.stage.name, "MISS", why, key))
+        digests[step.id] = None
     return rows

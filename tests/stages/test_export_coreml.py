@@ -217,3 +217,25 @@ def test_fixed_batch_split_einsum_uses_einsums_and_one_batch(tiny_sd15_artifact,
     assert all(t["shape"] for t in comp["outputs"])  # fixed shapes throughout
     accepted = accepted_batches(ct.utils.load_spec(str(built.out / comp["path"])))
     assert accepted["sample"] == [1] and built.ctx.details["batch_flexibility"] == "fixed"
+
+
+def test_packages_are_saved_reproducibly(coreml_split, tmp_path):
+    """Two saves of one model give the same bytes (item ids from paths, deterministic spec), so the
+    cache and a remote see one artifact wherever it was built."""
+    import coremltools as ct
+
+    def tree(root):
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+        }
+
+    src = coreml_split.out / SPLIT_PACKAGES["vae_decoder"]
+    saved = []
+    for name in ("a", "b"):
+        model = ct.models.MLModel(str(src), skip_model_load=True)
+        cio.save_package(model, tmp_path / f"{name}.mlpackage")
+        saved.append(tree(tmp_path / f"{name}.mlpackage"))
+    assert saved[0] == saved[1] == tree(src)
+    manifest = json.loads(saved[0]["Manifest.json"])
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
+    assert root["path"] == "com.apple.CoreML/model.mlmodel"

@@ -91,6 +91,10 @@ def test_local_source_round_trip(make_ctx, tiny_sdxl_dir):
     assert ctx.model.controlnets == ["canny"] and ctx.model.taesd is True
     cn = "controlnet/canny/diffusion_pytorch_model.safetensors"
     assert _sha(ctx.out_dir / cn) == _sha(tiny_sdxl_dir / cn)
+    # no config names the folder it was loaded from: the output does not depend on where it was built
+    configs = [p for p in ctx.out_dir.rglob("*.json") if p.name in ("config.json", "model_index.json")]
+    assert len(configs) >= 6
+    assert not [p for p in configs if "_name_or_path" in p.read_text()]
 
 
 def test_local_tiny_needs_family(make_ctx, tiny_sd15_dir):

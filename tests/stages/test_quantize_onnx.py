@@ -149,3 +149,33 @@ def test_params_are_validated(params: dict, field: str) -> None:
 
     with pytest.raises(ValidationError, match=field):
         QuantizeOnnxParams(**params)
+
+
+def test_below_floor_keeps_the_fp32_graph_when_asked(
+    tmp_path: Path,
+    sd15_onnx: InputArtifact,
+    tiny_sd15_artifact: InputArtifact,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sdkiln.runtime.contract.floors import Gate
+    from sdkiln.stages.common.onnx import transform
+    from sdkiln.stages.quantize_onnx import STAGE
+
+    real = transform.gate_for
+    monkeypatch.setattr(
+        transform, "gate_for", lambda c, prec: Gate(min_sqnr_db=200.0) if prec == "int8" else real(c, prec)
+    )
+    params = {
+        "mode": "dynamic",
+        "components": ["text_encoder"],
+        "below_floor": "keep_fp32",
+        "parity": {"batch_sizes": [1], "image_sizes": [64]},
+    }
+    ctx = run_stage(STAGE, params, {"onnx": sd15_onnx, "model": tiny_sd15_artifact}, tmp_path)
+    q = ctx.details["quantization"]
+    assert ctx.components["text_encoder"]["precision"] == "fp32" and "text_encoder" in q["kept_fp32"]
+    tried = q["below_floor"]["text_encoder"]
+    assert tried["gate"] == {"min_sqnr_db": 200.0} and tried["int8_bytes"] < tried["fp32_bytes"]
+    assert (ctx.out_dir / "text_encoder" / "model.onnx").read_bytes() == (
+        sd15_onnx.path / "text_encoder" / "model.onnx"
+    ).read_bytes()

@@ -216,7 +216,10 @@ def set_declared_batch(package: Path, batch: int) -> list[str]:
             changed.append(f.name)
     if changed:
         tmp = package.with_name(f"{package.stem}-redeclared.mlpackage")
-        ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True).save(str(tmp))
+        # Saved as every package is (reproducibly); imported here: io imports this module.
+        from sdkiln.stages.common.coreml.io import save_package
+
+        save_package(ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True), tmp)
         shutil.rmtree(package)
         tmp.rename(package)
     return changed

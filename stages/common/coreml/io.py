@@ -455,3 +455,45 @@ __all__ = [
     "chunk_relpaths",
     "package_relpath",
 ]
+
+
+# -- saving, reproducibly ---------------------------------------------------------------------------
+def save_package(mlmodel: Any, path: Path) -> None:
+    """``mlmodel.save(path)``, then make the package byte-for-byte reproducible (``normalize_package``)."""
+    mlmodel.save(str(path))
+    normalize_package(Path(path))
+
+
+def normalize_package(path: Path) -> None:
+    """Make an ``.mlpackage`` a function of its content alone.
+
+    coremltools names the package's items with random UUIDs (``Manifest.json``) and serializes the
+    model spec's maps (user metadata) in hash order, so two saves of one model differ in bytes and a
+    content-addressed cache or a byte comparison across machines would see two artifacts. Here each
+    item id becomes a UUID5 of its path, and the spec is re-serialized deterministically. Core ML reads
+    the result exactly as before: the ids are opaque and protobuf map order carries no meaning.
+    """
+    import json
+    import uuid
+
+    from coremltools.proto import Model_pb2
+
+    manifest_path = path / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    renamed = {
+        old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdkiln:mlpackage:{item['path']}")).upper()
+        for old, item in manifest["itemInfoEntries"].items()
+    }
+    manifest["itemInfoEntries"] = {
+        renamed[old]: item
+        for old, item in sorted(manifest["itemInfoEntries"].items(), key=lambda kv: renamed[kv[0]])
+    }
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+    for item in manifest["itemInfoEntries"].values():
+        if not item["path"].endswith(".mlmodel"):
+            continue
+        spec_path = path / "Data" / item["path"]
+        spec = Model_pb2.Model()
+        spec.ParseFromString(spec_path.read_bytes())
+        spec_path.write_bytes(spec.SerializeToString(deterministic=True))

@@ -98,21 +98,44 @@ class GraphTransform:
         files = ou.save_model(model, self.out_path(comp), "auto", restore=False)
         spec = ou.io_spec(model)
         problems = ou.spec_mismatches(spec, {k: entry[k] for k in ("inputs", "outputs")}, comp.key)
+        self.record(comp, files, problems, ou.weight_precision(model), wanted)
+        return files
+
+    def record(
+        self,
+        comp: oc.Component,
+        files: list[Path],
+        problems: list[str],
+        precision: tuple[str, dict[str, float]],
+        wanted: str | None = None,
+        path: str | None = None,
+    ) -> None:
+        """Record a saved model of any format (ONNX here; OpenVINO IR in ``export_openvino``): its I/O
+        mismatches (a BuildError), its precision read from its content (``(label, shares)``) against
+        ``wanted``, its bytes, and its manifest entry (``path`` when the file is not the ONNX one)."""
         if problems:
             raise BuildError(f"{self.ctx.stage.name}: a graph changed its I/O:\n  " + "\n  ".join(problems))
-        label, shares = ou.weight_precision(model)
+        label, shares = precision
         if wanted is not None and label != wanted:
             msg = f"{comp.key}: asked for {wanted}, but its weights are {label} ({_shares(shares)})"
             self.warnings.append(msg)
             logger.warning("%s: %s", self.ctx.step_id, msg)
         self.bytes[comp.key] = ou.files_bytes(files)
-        self.ctx.components[comp.key] = {**entry, "precision": label, "weight_storage": shares}
-        return files
+        entry = {**self.entry(comp), "precision": label, "weight_storage": shares}
+        if path is not None:
+            entry["path"] = path
+        self.ctx.components[comp.key] = entry
 
     def check_parity(
-        self, comp: oc.Component, parity: ParityParams, provider: str = "CPUExecutionProvider"
-    ) -> None:
-        """Gate the saved graph against the PyTorch reference at its recorded precision."""
+        self,
+        comp: oc.Component,
+        parity: ParityParams,
+        provider: str = "CPUExecutionProvider",
+        session: Any = None,
+    ) -> list[str]:
+        """Gate the saved graph against the PyTorch reference at its recorded precision; ``session``
+        runs it (default: ONNX Runtime on ``provider``; anything with ``get_outputs()`` and ``run``).
+        Returns this component's failures (also collected in the report)."""
         module = oc.torch_graph(self.loaded, comp)
         cases = oc.parity_cases(
             module,
@@ -124,12 +147,24 @@ class GraphTransform:
             self.static,
         )
         precision = self.ctx.components[comp.key]["precision"]
-        session = ou.session(self.out_path(comp), provider)
-        self.report.check(comp.key, session, cases, gate_for(comp.key, precision))
-        # A graph with optional ControlNet residuals must still mean "no ControlNet" when they are left out.
-        unfed = od.check_unfed(session, cases[0].feeds, f"{self.ctx.stage.name} {comp.key}")
-        if unfed:
-            self.ctx.metrics.setdefault("optional_inputs", {})[comp.key] = unfed
+        sess = session if session is not None else ou.session(self.out_path(comp), provider)
+        before = len(self.report.failures)
+        self.report.check(comp.key, sess, cases, gate_for(comp.key, precision))
+        if session is None:
+            # A graph with optional ControlNet residuals must still mean "no ControlNet" when they are left
+            # out (ONNX Runtime sessions: they list the overridable initializers).
+            unfed = od.check_unfed(sess, cases[0].feeds, f"{self.ctx.stage.name} {comp.key}")
+            if unfed:
+                self.ctx.metrics.setdefault("optional_inputs", {})[comp.key] = unfed
+        return self.report.failures[before:]
+
+    def below_floor(self, comp: oc.Component, failures: list[str]) -> dict[str, Any]:
+        """Take a component's gate failures back out of the report (the stage replaces the component by
+        its fp32 version and gates that instead); returns what the failed candidate measured, for the
+        manifest's record of what was tried and did not pass."""
+        self.report.failures = [f for f in self.report.failures if f not in failures]
+        tried = self.report.results.pop(comp.key)
+        return {"gate": tried["gate"], "worst": tried["worst"], "failures": failures}
 
     # -- the end --------------------------------------------------------------------------------------
     def finish(self, what: str, details: dict[str, Any] | None = None, parity: bool = True) -> None:

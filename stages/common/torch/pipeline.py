@@ -86,9 +86,28 @@ def save_pipeline(
         vae_tiny.save_pretrained(str(out_dir / VAE_TINY_DIR), safe_serialization=True)
     for tok in sorted(out_dir.glob("tokenizer*")):
         ensure_vocab_files(tok)
+    drop_local_paths(out_dir)
     pickles = [p for p in out_dir.rglob("*") if is_pickle(p)]
     if pickles:  # a component class that ignored safe_serialization: never ship those
         raise RuntimeError(f"pickle files written into {out_dir}: {pickles}")
+
+
+def drop_local_paths(out_dir: Path) -> int:
+    """Remove ``_name_or_path`` from the configs below ``out_dir``; the number of files changed.
+
+    diffusers records where a component was loaded from (a cache folder of this machine), so the same
+    build on another machine or cache root would differ in those bytes. Loading never needs it.
+    """
+    changed = 0
+    for path in sorted(Path(out_dir).rglob("*.json")):
+        if path.name not in ("config.json", "model_index.json", "scheduler_config.json"):
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            changed += 1
+    return changed
 
 
 def ensure_vocab_files(tokenizer_dir: Path) -> None:

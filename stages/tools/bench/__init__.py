@@ -14,7 +14,15 @@ method in full.
 from sdkiln.stages.tools.bench.machine import ISA_FLAGS, machine_facts
 from sdkiln.stages.tools.bench.measure import judge, make_inputs, parity, parity_floor, summarize
 from sdkiln.stages.tools.bench.memory import plan_groups
-from sdkiln.stages.tools.bench.report import README_START, TARGET_RATIO, recommend, to_markdown, write_results
+from sdkiln.stages.tools.bench.report import (
+    README_START,
+    TARGET_RATIO,
+    TARGETS,
+    recommend,
+    record_for_auto,
+    to_markdown,
+    write_results,
+)
 from sdkiln.stages.tools.bench.run import run_bench
 from sdkiln.stages.tools.bench.variants import (
     SCHEMA,
@@ -28,6 +36,7 @@ __all__ = [
     "ISA_FLAGS",
     "README_START",
     "SCHEMA",
+    "TARGETS",
     "TARGET_RATIO",
     "BenchConfig",
     "Bundle",
@@ -39,6 +48,7 @@ __all__ = [
     "parity_floor",
     "plan_groups",
     "recommend",
+    "record_for_auto",
     "run_bench",
     "select_variants",
     "summarize",

@@ -45,7 +45,33 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--reference", default="torch", help="the variant ratios are taken against (default torch)"
     )
-    s.add_argument("--no-taesd", action="store_true", help="no +taesd end-to-end variants")
+    s.add_argument("--no-taesd", action="store_true", help="no fast runs with the TAESD decoder")
+    s.add_argument(
+        "--levers",
+        type=_csv,
+        default=("taesd",),
+        help="fast-profile runs on the fast base, each a '+'-joined set of levers: taesd, steps<N>, "
+        "cn<K> (ControlNet on the first K steps), e.g. taesd,taesd+steps2 (default taesd; 'none')",
+    )
+    s.add_argument(
+        "--fast-base",
+        default="auto",
+        help="the variant the levers run on (default auto: the fastest whose components all met their floors)",
+    )
+    s.add_argument("--task-repeat", type=int, help="timed rounds of the task phase (default: --repeat)")
+    s.add_argument(
+        "--deepcache",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the PyTorch reference with DeepCache-style reuse of the UNet's deep features "
+        "(full every N steps, shallow between) and report its time and deviation (default 0: off)",
+    )
+    s.add_argument(
+        "--no-record",
+        action="store_true",
+        help="do not record this run's picks for backend='auto' (~/.cache/sdkiln/bench/<machine>.json)",
+    )
     s.add_argument("--peak-max-n", type=int, default=2048, help="largest GEMM side of the peak probe")
     s.add_argument("--timeout", type=float, default=3600.0, help="seconds one worker call may take")
     s.add_argument(
@@ -62,7 +88,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         default="benchmarks/results",
         help="where the JSON/MD/PNG go (default benchmarks/results)",
     )
-    s.add_argument("--readme", help="a Markdown file whose latest-results section to replace")
+    s.add_argument(
+        "--readme",
+        action="append",
+        help="a Markdown file whose latest-results section to replace (repeatable)",
+    )
     s.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     s.set_defaults(func=bench_command)
 
@@ -77,6 +107,17 @@ def bench_command(args: argparse.Namespace) -> int:
         raise UserError(f"--size {args.size}: must be a positive multiple of 8")
     if args.steps < 1:
         raise UserError("--steps must be >= 1")
+    levers = () if tuple(args.levers) in (("none",), ()) else tuple(args.levers)
+    if args.no_taesd:
+        levers = tuple(lv for lv in levers if "taesd" not in lv.split("+"))
+    from sdkiln.stages.tools.bench.tasks import parse_levers
+
+    for lv in levers:
+        parse_levers(lv, args.steps)  # a bad lever fails before any work
+    if args.task_repeat is not None and args.task_repeat < 1:
+        raise UserError("--task-repeat must be >= 1")
+    if args.deepcache < 0 or args.deepcache == 1:
+        raise UserError("--deepcache N: N >= 2 (full every N steps), or 0 for off")
     config = BenchConfig(
         bundle=Path(args.bundle),
         backends=args.backends,
@@ -88,7 +129,11 @@ def bench_command(args: argparse.Namespace) -> int:
         size=args.size,
         steps=args.steps,
         reference=args.reference,
-        taesd_e2e=not args.no_taesd,
+        levers=levers,
+        fast_base=args.fast_base,
+        task_repeat=args.task_repeat,
+        deepcache=args.deepcache,
+        record=not args.no_record,
         peak_max_n=args.peak_max_n,
         timeout_s=args.timeout,
         settle_s=args.settle,
@@ -99,9 +144,15 @@ def bench_command(args: argparse.Namespace) -> int:
         report,
         Path(args.results_dir),
         chart=not args.no_chart,
-        readme=Path(args.readme) if args.readme else None,
+        readme=[Path(r) for r in args.readme or []],
     )
     print(to_markdown(report))
     for kind, p in paths.items():
         print(f"{kind}: {p}")
+    if config.record:
+        from sdkiln.stages.tools.bench.report import record_for_auto
+
+        where = record_for_auto(report, paths["json"])
+        if where is not None:
+            print(f"recorded for backend='auto': {where}")
     return 0

@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on: CPU model and ISA, memory, GPU, package versions, and its measured GEMM peaks (numpy, torch fp32/bf16, ONNX Runtime fp32/int8)."""
+"""The machine a benchmark ran on: CPU model and ISA, memory, GPU, package versions, and its measured GEMM
+peaks (numpy, torch fp32/bf16, ONNX Runtime fp32/int8, OpenVINO f32/bf16/int8)."""
 
 from __future__ import annotations
 
@@ -11,25 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdkiln.runtime.machine import ISA_FLAGS, machine_key
+
 # --------------------------------------------------------------------------------------------------
 # Machine facts
-
-
-ISA_FLAGS = (
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "avx_vnni",
-    "amx_bf16",
-    "amx_int8",
-    "amx_tile",
-)
 
 
 def machine_facts() -> dict[str, Any]:
@@ -62,6 +48,7 @@ def machine_facts() -> dict[str, Any]:
     meminfo = _read("/proc/meminfo")
     m = re.search(r"MemTotal:\s+(\d+) kB", meminfo)
     return {
+        "machine_key": machine_key(cpuinfo),
         "cpu_model": model,
         "cpu_mhz": mhz,
         "physical_cores": len(cores) or logical,
@@ -114,7 +101,17 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for name in ("sdkiln", "torch", "onnxruntime", "onnx", "diffusers", "transformers", "numpy"):
+    for name in (
+        "sdkiln",
+        "torch",
+        "onnxruntime",
+        "openvino",
+        "nncf",
+        "onnx",
+        "diffusers",
+        "transformers",
+        "numpy",
+    ):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -195,3 +192,30 @@ def _ort_gemm(n: int, dtype: str, threads: int) -> Any:
         b = rng.integers(-127, 127, (n, n), dtype=np.int8)
     feeds = {"a": a, "b": b}
     return lambda: sess.run(None, feeds)
+
+
+def _ov_gemm(n: int, mode: str, threads: int) -> Any:
+    """OpenVINO MatMul of an (n, n) activation by a constant (n, n) weight: ``f32`` and ``bf16`` (the
+    inference precision hint), or ``int8`` (u8 activations by FakeQuantize, i8 weights, as NNCF writes)."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    a = ops.parameter([n, n], ov.Type.f32, name="a")
+    w = rng.standard_normal((n, n), dtype=np.float32)
+    if mode == "int8":
+        wq = np.clip(np.round(w * 40), -127, 127).astype(np.int8)
+        wd = ops.multiply(ops.convert(ops.constant(wq), ov.Type.f32), ops.constant(np.float32(1 / 40)))
+        lo, hi = ops.constant(np.float32(0.0)), ops.constant(np.float32(2.55))
+        y = ops.matmul(ops.fake_quantize(a, lo, hi, lo, hi, 256), wd, False, False)
+    else:
+        y = ops.matmul(a, ops.constant(w), False, False)
+    cfg = {
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "bf16" if mode == "bf16" else "f32",
+    }
+    req = ov.Core().compile_model(ov.Model([y], [a], "gemm"), "CPU", cfg).create_infer_request()
+    x = rng.uniform(0, 2.5, (n, n)).astype(np.float32)
+    return lambda: req.infer({0: x})

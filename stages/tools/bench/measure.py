@@ -127,3 +127,37 @@ def summarize(samples: list[float]) -> dict[str, Any]:
 def record_error(errors: list[dict[str, Any]], variant: str, what: str, stage: str, e: Exception) -> None:
     logger.warning("%s on %s failed at %s: %s", variant, what, stage, str(e).splitlines()[0])
     errors.append({"variant": variant, "component": what, "stage": stage, "error": str(e)})
+
+
+def deviation(reference: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
+    """How far a task's output is from the reference's: image PSNR (dB, peak 1) and SSIM of the first
+    image, max abs pixel difference, and SQNR (dB) of the final latents. ``None`` dB: bit-identical."""
+    from sdkiln.runtime.contract.metrics import EXACT_DB, compare, compare_images
+
+    img = compare_images(reference["pixels"][0], output["pixels"][0])
+    out: dict[str, Any] = {
+        "psnr_db": None if img["psnr_db"] >= EXACT_DB else img["psnr_db"],
+        "ssim": img["ssim"],
+        "max_abs": img["max_abs"],
+        "latents_sqnr_db": None,
+    }
+    a, b = reference.get("latents"), output.get("latents")
+    if a is not None and b is not None and a.shape == b.shape:
+        sqnr = compare(a, b)["sqnr_db"]
+        out["latents_sqnr_db"] = None if sqnr >= EXACT_DB else round(sqnr, 3)
+    return out
+
+
+def e2e_floor_for(precisions: list[str]) -> float:
+    """The contract's end-to-end PSNR floor for a run whose components compute in ``precisions``: the
+    lowest floor among them (bf16 takes fp16's, as the component gates do; ``int8+bf16`` int8's)."""
+    from sdkiln.runtime.contract.floors import e2e_floor
+
+    labels = sorted({_e2e_label(p) for p in precisions}) or ["fp32"]
+    return e2e_floor(labels[0]) if len(labels) == 1 else e2e_floor("mixed", labels)
+
+
+def _e2e_label(precision: str) -> str:
+    if precision.startswith("int8"):
+        return "int8"
+    return {"bf16": "fp16", "bf32": "fp16"}.get(precision, precision)

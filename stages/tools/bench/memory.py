@@ -34,7 +34,7 @@ def estimate_bytes(bundle: Bundle, v: Variant, components: list[str]) -> int:
     inside the memory budget; the report's memory numbers are measured."""
     folders: dict[str, int] = {}
     for c in components:
-        if v.backend == "onnxruntime":
+        if v.backend in ("onnxruntime", "openvino"):  # OpenVINO also keeps reordered copies
             folders[c] = int(ORT_WEIGHT_FACTOR * artifact_bytes(bundle, v, c))
         else:  # a VAE folder serves encoder and decoder: count it once
             folders[torch_folder(c)] = artifact_bytes(bundle, v, c)

@@ -23,7 +23,7 @@ from sdkiln.stages.tools.bench.measure import (
 )
 from sdkiln.stages.tools.bench.memory import estimate_bytes, interleave, memory_budget, plan_groups
 from sdkiln.stages.tools.bench.report import _fmt_bytes, _fmt_s, recommend
-from sdkiln.stages.tools.bench.tasks import bench_tasks
+from sdkiln.stages.tools.bench.tasks import _runtime_config, bench_tasks
 from sdkiln.stages.tools.bench.variants import (
     _MEMORY_METHOD,
     SCHEMA,
@@ -34,6 +34,7 @@ from sdkiln.stages.tools.bench.variants import (
     _native_size,
     artifact_bytes,
     available_variants,
+    bf16_label,
     component_label,
     select_variants,
 )
@@ -103,8 +104,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         phases["components_s"] = time.perf_counter() - t0
         task_rows = []
         t0 = time.perf_counter()
+        fast_base = None
         if config.tasks:
-            task_rows = bench_tasks(bundle, variants, config, pool, size, budget, errors, skipped)
+            fast_base = choose_fast_base(config, variants, comp_rows, skipped)
+            task_rows = bench_tasks(bundle, variants, config, pool, size, budget, errors, skipped, fast_base)
         phases["tasks_s"] = time.perf_counter() - t0
 
     report = {
@@ -136,6 +139,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             "backends": list(config.backends) if config.backends else None,
             "components": list(config.components) if config.components else None,
             "tasks": list(config.tasks),
+            "task_repeat": config.task_repeat or config.repeat,
+            "levers": list(config.levers),
+            "fast_base": fast_base,
+            "fast_base_source": "--fast-base" if config.fast_base not in (None, "auto") else "auto",
         },
         "machine": facts,
         "peak": peak,
@@ -195,7 +202,7 @@ def _spec_for(bundle: Bundle, variants: list[Variant], component: str) -> dict[s
     # ONNX sections carry the export's own spec (with residual inputs where exported with them); the
     # reference then gets the same inputs.
     for v in variants:
-        if v.backend == "onnxruntime" and component in bundle.components(v.section):
+        if v.backend in ("onnxruntime", "openvino") and component in bundle.components(v.section):
             return bundle.components(v.section)[component]
     for v in variants:
         if component in bundle.components(v.section):
@@ -238,6 +245,7 @@ def _bench_component(
     ref_samples: dict[str, list[float]] = {}  # per variant: the reference's samples of its group
     results: dict[str, dict[str, Any]] = {}
     outputs: dict[str, dict[str, Any]] = {}
+    cpu: dict[str, list[float]] = {}
 
     def on_error(stage: str) -> Any:
         def record(name: str, e: Exception) -> None:
@@ -275,6 +283,7 @@ def _bench_component(
             try:
                 mem = w.call("memory")
                 outputs[name] = w.call("outputs")
+                cpu[name] = w.call("cpu_samples")[-config.repeat :]
             except WorkerError as e:
                 failed.add(name)
                 on_error("outputs")(name, e)
@@ -321,6 +330,8 @@ def _bench_component(
                 "reference_samples_s": ref_samples[name],
                 "reference_median_s": ref_median,
                 "ratio_to_reference": stats["median_s"] / ref_median,
+                "cpu_samples_s": cpu.get(name),
+                "cpu_median_s": statistics.median(cpu[name]) if cpu.get(name) else None,
                 "artifact_bytes": artifact_bytes(bundle, members[name], component),
                 "flops_per_s": flops_per_s,
                 "fraction_of_fp32_peak": flops_per_s / fp32_peak if flops_per_s and fp32_peak else None,
@@ -355,13 +366,54 @@ def _bench_component(
 
 def _precision(bundle: Bundle, v: Variant, component: str) -> str:
     """The component's own precision where the section says (an int8 section keeps its VAE decoder
-    fp32), else the variant's."""
-    if v.backend == "onnxruntime":
+    fp32), else the variant's; under OpenVINO's bf16 hint, what that precision computes in."""
+    if v.backend in ("onnxruntime", "openvino"):
         own = (bundle.components(v.section).get(component) or {}).get("precision")
         if own:
+            if v.settings.get("inference_precision") == "bf16":
+                return bf16_label(str(own))
             return str(own)
     return v.precision
 
 
 def _peak_dtype(precision: str) -> str:
     return "int8" if precision.startswith("int8") else "bf16" if precision == "bf16" else "fp32"
+
+
+def choose_fast_base(
+    config: BenchConfig,
+    variants: list[Variant],
+    comp_rows: list[dict[str, Any]],
+    skipped: list[dict[str, str]],
+) -> str | None:
+    """The variant the fast-profile levers run on: ``--fast-base``, or (``auto``) the variant the runtime
+    can run whose every measured component met its floor in this run and whose components, weighted by
+    how often one task calls them (``steps`` x UNet and ControlNet), cost least."""
+    if not config.levers or config.fast_base is None:
+        return None
+    names = {v.name: v for v in variants}
+    if config.fast_base != "auto":
+        if config.fast_base not in names:
+            raise UserError(
+                f"--fast-base {config.fast_base!r} is not among the variants run: {', '.join(names)}"
+            )
+        return config.fast_base
+    weight = {"unet": config.steps, "controlnet": config.steps}
+    candidates = {}
+    for v in variants:
+        if v.name == config.reference or _runtime_config(v) is None:
+            continue
+        mine = [(row["component"], r) for row in comp_rows for r in row["results"] if r["variant"] == v.name]
+        if mine and all(r["parity"]["ok"] is True for _, r in mine):
+            candidates[v.name] = {c: r["median_s"] for c, r in mine}
+    common = set.intersection(*(set(c) for c in candidates.values())) if candidates else set()
+    if not common:
+        skipped.append(
+            {"variant": "fast levers", "reason": "no variant had every measured component pass its floor"}
+        )
+        return None
+    cost = {
+        n: sum(t * weight.get(c.split(".", 1)[0], 1) for c, t in comps.items() if c in common)
+        for n, comps in candidates.items()
+    }
+    return min(cost, key=cost.__getitem__)

@@ -1,16 +1,28 @@
 """End to end through the runtime: each task (sketch, text, edit) on every variant, interleaved, with the
-runtime's own per-stage timings and the final images' deviation from the reference."""
+runtime's own per-stage timings (text encoder, ControlNet, UNet, decoder) and the final output's
+deviation from the reference's (image PSNR/SSIM, final-latent SQNR).
+
+Two kinds of run:
+- **exact** (one per variant with a runtime configuration): the same algorithm as the reference (its
+  steps, the full VAE, the ControlNet on every step). Its deviation is its end-to-end *parity*, judged
+  against the contract's end-to-end floor for its precision.
+- **fast** (the ``levers`` on one base variant): declared trade-offs: ``taesd`` (the TAESD decoder),
+  ``steps<N>`` (fewer LCM steps), ``cn<K>`` (the ControlNet on the first K steps only, as diffusers'
+  ``control_guidance_end``). Their deviation from the exact output is what the trade-off costs; it is
+  reported as a deviation, never as parity.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sdkiln.runtime.contract.errors import UserError
-from sdkiln.stages.tools.bench.measure import psnr, record_error, summarize
+from sdkiln.stages.tools.bench.measure import deviation, e2e_floor_for, record_error, summarize
 from sdkiln.stages.tools.bench.memory import estimate_bytes, interleave, plan_groups
 from sdkiln.stages.tools.bench.report import _fmt_s
 from sdkiln.stages.tools.bench.variants import (
@@ -20,10 +32,13 @@ from sdkiln.stages.tools.bench.variants import (
     BenchConfig,
     Bundle,
     Variant,
+    bf16_label,
 )
 from sdkiln.stages.tools.bench.worker import WorkerError, _Pool
 
 logger = logging.getLogger(__name__)
+
+_LEVER = re.compile(r"^(taesd|steps(\d+)|cn(\d+))$")
 
 
 def runtime_gap() -> str | None:
@@ -38,28 +53,137 @@ def runtime_gap() -> str | None:
 
 @dataclass(frozen=True)
 class TaskRun:
-    """One end-to-end configuration: a runtime backend over a section, with the full VAE or TAESD.
-    ``worker`` names the variant whose process runs it (a +taesd run shares its base's sessions)."""
+    """One end-to-end configuration: a runtime backend over a section, with its levers. ``worker`` names
+    the variant whose process runs it (fast runs share their base's process and sessions)."""
 
     name: str
     worker: str
-    backend: str  # runtime backend: "torch" | "onnx"
+    backend: str  # runtime backend: "torch" | "onnx" | "openvino"
     section: str
     dtype: str
     vae: str  # "full" | "tiny"
+    inference_precision: str = "f32"
+    steps: int | None = None  # None: the run's configured steps
+    control_end: float = 1.0
+    levers: tuple[str, ...] = ()
+    precisions: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def profile(self) -> str:
+        return "fast" if self.levers else "exact"
+
+    def settings(self) -> dict[str, Any]:
+        """What ``sdkiln.runtime.load`` and the request need to run this configuration."""
+        return {
+            "backend": self.backend,
+            "section": self.section,
+            "vae": self.vae,
+            "inference_precision": self.inference_precision,
+            "dtype": self.dtype,
+            "steps": self.steps,
+            "control_end": self.control_end,
+        }
 
 
-def _task_runs(bundle: Bundle, variants: list[Variant], config: BenchConfig) -> list[TaskRun]:
+def parse_levers(spec: str, steps: int) -> dict[str, Any]:
+    """``"taesd+steps2+cn1"`` -> ``{"vae": "tiny", "steps": 2, "control_end": 0.5, "levers": (...)}``."""
+    out: dict[str, Any] = {"vae": "full", "steps": None, "control_end": 1.0}
+    parts = tuple(p for p in spec.split("+") if p)
+    if not parts:
+        raise UserError(f"--levers: empty lever in {spec!r}")
+    for part in parts:
+        m = _LEVER.match(part)
+        if m is None:
+            raise UserError(f"--levers: unknown lever {part!r} in {spec!r}; use taesd, steps<N>, cn<K>")
+        if part == "taesd":
+            out["vae"] = "tiny"
+        elif m.group(2):
+            out["steps"] = int(m.group(2))
+            if out["steps"] < 1:
+                raise UserError(f"--levers: {part}: steps must be >= 1")
+    n = out["steps"] or steps
+    for part in parts:
+        m = _LEVER.match(part)
+        if m is not None and m.group(3):
+            k = int(m.group(3))
+            if not 1 <= k <= n:
+                raise UserError(f"--levers: {part}: the ControlNet must run on 1..{n} steps")
+            out["control_end"] = k / n
+    out["levers"] = parts
+    return out
+
+
+def _runtime_config(v: Variant) -> tuple[str, str, str] | None:
+    """(runtime backend, dtype, inference precision) of a variant, or None if the runtime has none."""
+    if v.backend == "torch":
+        dtype = TORCH_VARIANTS[v.name].runtime_dtype if v.name in TORCH_VARIANTS else None
+        return ("torch", dtype, "f32") if dtype is not None else None
+    if v.backend == "openvino":
+        return "openvino", "float32", v.settings.get("inference_precision", "f32")
+    if v.settings.get("preset", "default") == "default":  # the runtime has no ORT session presets
+        return "onnx", "float32", "f32"
+    return None
+
+
+def _precisions(bundle: Bundle, v: Variant, dtype: str) -> dict[str, str]:
+    """Per component, the precision a run computes in (from the section's components)."""
+    if v.backend == "torch":
+        from sdkiln.runtime.contract.layout import VAE_KINDS
+
+        return {c: ("fp32" if c in VAE_KINDS else v.precision) for c in bundle.components(v.section)}
+    out = {}
+    for c, entry in bundle.components(v.section).items():
+        own = str(entry.get("precision") or v.precision)
+        out[c] = bf16_label(own) if v.settings.get("inference_precision") == "bf16" else own
+    return out
+
+
+def task_runs(
+    bundle: Bundle, variants: list[Variant], config: BenchConfig, fast_base: str | None
+) -> list[TaskRun]:
+    """The exact run of every variant the runtime can run, then the fast runs (levers) on ``fast_base``."""
     out = []
+    by_name = {v.name: v for v in variants}
     for v in variants:
-        if v.backend == "torch":
-            dtype = TORCH_VARIANTS[v.name].runtime_dtype if v.name in TORCH_VARIANTS else None
-            if dtype is not None:
-                out.append(TaskRun(v.name, v.name, "torch", v.section, dtype, "full"))
-        elif v.settings.get("preset", "default") == "default":  # the runtime has no session presets
-            out.append(TaskRun(v.name, v.name, "onnx", v.section, "float32", "full"))
-            if config.taesd_e2e and "taesd_decoder" in bundle.components(v.section):
-                out.append(TaskRun(f"{v.name}+taesd", v.name, "onnx", v.section, "float32", "tiny"))
+        cfg = _runtime_config(v)
+        if cfg is None:
+            continue
+        backend, dtype, hint = cfg
+        out.append(
+            TaskRun(
+                v.name,
+                v.name,
+                backend,
+                v.section,
+                dtype,
+                "full",
+                hint,
+                precisions=_precisions(bundle, v, dtype),
+            )
+        )
+    base = by_name.get(fast_base) if fast_base else None
+    if base is None or _runtime_config(base) is None:
+        return out
+    backend, dtype, hint = _runtime_config(base)  # type: ignore[misc]
+    for spec in config.levers:
+        lv = parse_levers(spec, config.steps)
+        if lv["vae"] == "tiny" and "taesd_decoder" not in bundle.components(base.section):
+            continue
+        out.append(
+            TaskRun(
+                f"{base.name}+{'+'.join(lv['levers'])}",
+                base.name,
+                backend,
+                base.section,
+                dtype,
+                lv["vae"],
+                hint,
+                lv["steps"],
+                lv["control_end"],
+                lv["levers"],
+                precisions=_precisions(bundle, base, dtype),
+            )
+        )
     return out
 
 
@@ -83,6 +207,12 @@ def _task_params(
     raise UserError(f"unknown task {task!r}; choose from: {', '.join(TASKS)}")
 
 
+def run_components(task: str, run: TaskRun, tes: list[str], params: dict[str, Any]) -> list[str]:
+    """The components one run of ``task`` calls (the ControlNet only if it runs on some step)."""
+    used = [*tes, *(c for c in TASK_COMPONENTS[task] if c != "controlnet.canny" or params.get("control"))]
+    return [("taesd_decoder" if c == "vae_decoder" and run.vae == "tiny" else c) for c in used]
+
+
 def bench_tasks(
     bundle: Bundle,
     variants: list[Variant],
@@ -92,13 +222,14 @@ def bench_tasks(
     budget: int,
     errors: list[dict[str, Any]],
     skipped: list[dict[str, str]],
+    fast_base: str | None = None,
 ) -> list[dict[str, Any]]:
     gap = runtime_gap()
     if gap:
         skipped.append({"variant": "tasks", "reason": gap})
         logger.warning("end-to-end tasks skipped: %s", gap)
         return []
-    runs = _task_runs(bundle, variants, config)
+    runs = task_runs(bundle, variants, config, fast_base)
     if config.reference not in [r.name for r in runs]:
         skipped.append(
             {"variant": "tasks", "reason": f"the runtime has no configuration for {config.reference}"}
@@ -149,12 +280,21 @@ def _bench_task(
     failed: set[str] = set()
     samples: dict[str, list[dict[str, Any]]] = {}
     ref_samples: dict[str, list[float]] = {}
-    pixels: dict[str, Any] = {}
+    outputs: dict[str, dict[str, Any]] = {}
     mems: dict[str, dict[str, Any]] = {}
+    described: dict[str, str] = {}
     loaded: set[str] = set()
 
     def record(stage: str) -> Any:
         return lambda name, e: record_error(errors, name, f"task {task}", stage, e)
+
+    def run_params(r: TaskRun) -> dict[str, Any]:
+        p = dict(params)
+        if r.steps is not None:
+            p["steps"] = r.steps
+        if r.control_end != 1.0:
+            p["control_end"] = r.control_end
+        return p
 
     for gi, group in enumerate(groups):
         for w_name in group:
@@ -162,25 +302,31 @@ def _bench_task(
                 continue
             wr = [r for r in runs if r.worker == w_name]
             try:
-                pool.get(w_name).call(
+                info = pool.get(w_name).call(
                     "load_runtime",
                     backend=wr[0].backend,
                     section=wr[0].section,
                     dtype=wr[0].dtype,
-                    vaes=[r.vae for r in wr],
+                    vaes=list(dict.fromkeys(r.vae for r in wr)),
+                    inference_precision=wr[0].inference_precision,
+                    preload=[task],
                 )
                 loaded.add(w_name)
+                for r in wr:
+                    described[r.name] = info.get("description", "")
             except WorkerError as e:
                 failed.update(r.name for r in wr)
                 record("load")(w_name, e)
         members = [r for r in runs if r.worker in group and r.name not in failed]
         calls = {
             r.name: (
-                lambda w=pool.get(r.worker), vae=r.vae: w.call("run_task", task=task, params=params, vae=vae)
+                lambda w=pool.get(r.worker), r=r: w.call(
+                    "run_task", task=task, params=run_params(r), vae=r.vae, key=r.name
+                )
             )
             for r in members
         }
-        got = interleave(calls, config, failed, record("run"))
+        got = interleave(calls, _task_config(config), failed, record("run"))
         if ref_name in failed:
             return None
         samples.setdefault(ref_name, []).extend(got[ref_name])
@@ -191,10 +337,10 @@ def _bench_task(
             samples[r.name] = got[r.name]
             ref_samples[r.name] = ref_times
         for r in members:
-            if r.name in failed or r.name in pixels:
+            if r.name in failed or r.name in outputs:
                 continue
             try:
-                pixels[r.name] = pool.get(r.worker).call("task_pixels", vae=r.vae)
+                outputs[r.name] = pool.get(r.worker).call("task_outputs", key=r.name)
             except WorkerError as e:
                 failed.add(r.name)
                 record("outputs")(r.name, e)
@@ -213,34 +359,54 @@ def _bench_task(
             with contextlib.suppress(WorkerError):
                 w.call("unload")
             loaded.discard(w_name)
-    if ref_name not in pixels:
+    if ref_name not in outputs:
         return None
     ref_samples[ref_name] = [x["seconds"] for x in samples[ref_name]]
+    ref_out = outputs[ref_name]
     rows = []
     for r in runs:
-        if r.name not in pixels or r.name not in samples:
+        if r.name not in outputs or r.name not in samples:
             continue
         seconds = [x["seconds"] for x in samples[r.name]]
         stats = summarize(seconds)
+        cpu = [x["cpu_seconds"] for x in samples[r.name] if "cpu_seconds" in x]
         ref_median = statistics.median(ref_samples[r.name])
         stages = {
             k: statistics.median(x["timings"][k] for x in samples[r.name] if k in x["timings"])
             for k in sorted({k for x in samples[r.name] for k in x["timings"]})
         }
+        dev = deviation(ref_out, outputs[r.name]) if r.name != ref_name else None
+        comps = run_components(task, r, tes, run_params(r))
+        precisions = {c: r.precisions.get(c, "?") for c in comps}
+        parity = None
+        if r.profile == "exact" and r.name != ref_name:
+            floor = e2e_floor_for(list(precisions.values()))
+            ok = dev is not None and (dev["psnr_db"] is None or dev["psnr_db"] >= floor)
+            parity = {"metric": "image PSNR vs the reference", "floor_db": floor, "ok": ok}
         rows.append(
             {
                 "variant": r.name,
+                "profile": r.profile,
+                "levers": list(r.levers),
+                "settings": r.settings(),
                 "backend": r.backend,
                 "section": r.section,
                 "dtype": r.dtype,
                 "vae": r.vae,
+                "steps": r.steps or params["steps"],
+                "control_end": r.control_end,
+                "description": described.get(r.name, ""),
+                "precisions": precisions,
                 "group": next(i for i, g in enumerate(groups) if r.worker in g),
                 **stats,
                 "reference_samples_s": ref_samples[r.name],
                 "reference_median_s": ref_median,
                 "ratio_to_reference": stats["median_s"] / ref_median,
+                "cpu_median_s": statistics.median(cpu) if cpu else None,
                 "stages_median_s": stages,
-                "psnr_db_vs_reference": psnr(pixels[ref_name], pixels[r.name]),
+                "deviation": dev,
+                "psnr_db_vs_reference": dev["psnr_db"] if dev else None,
+                "e2e_parity": parity,
                 **mems.get(r.name, {}),
             }
         )
@@ -250,6 +416,12 @@ def _bench_task(
         "  ".join(f"{r['variant']} {_fmt_s(r['median_s'])} ({r['ratio_to_reference']:.2f}x)" for r in rows),
     )
     best = min(rows, key=lambda r: r["ratio_to_reference"])
+    experiments = {}
+    if config.deepcache and variants[ref_worker].backend == "torch":
+        ref_row = next(r for r in rows if r["variant"] == ref_name)
+        experiments["deepcache"] = _deepcache(
+            task, params, pool.get(ref_worker), runs, ref_name, ref_row, ref_out, config, errors
+        )
     return {
         "task": task,
         "params": params,
@@ -260,10 +432,72 @@ def _bench_task(
         "results": rows,
         "fastest": best["variant"],
         "fastest_ratio": best["ratio_to_reference"],
-        "notes": "peak RSS: the worker's, over loading this task's pipeline(s) and every call of the task; "
-        "a +taesd run shares its base's process and sessions, so they share one reading. PSNR of a +taesd "
-        "run compares a different decoder (TAESD) with the reference's full VAE.",
+        "experiments": experiments,
+        "notes": "Weights are random: quality is measured as deviation from the exact (reference) output, "
+        "PSNR/SSIM of the image and SQNR of the final latents. An exact run's deviation is its end-to-end "
+        "parity (floor by its precisions); a fast run's is the cost of its declared trade-offs, never "
+        "parity (TAESD is a different decoder). Peak RSS: the worker's, over loading this task's "
+        "pipeline(s) and every call; fast runs share their base's process and sessions, so one reading.",
     }
 
 
-# The issue's speed target: the best CPU configuration at <= 0.33x the PyTorch eager fp32 time.
+def _task_config(config: BenchConfig) -> BenchConfig:
+    """The interleaving settings of the task phase (``--task-repeat`` may differ from ``--repeat``)."""
+    from dataclasses import replace
+
+    return replace(config, repeat=config.task_repeat or config.repeat)
+
+
+def _deepcache(
+    task: str,
+    params: dict[str, Any],
+    worker: Any,
+    runs: list[TaskRun],
+    ref_name: str,
+    ref_row: dict[str, Any],
+    ref_out: dict[str, Any],
+    config: BenchConfig,
+    errors: list[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The reference run again with DeepCache-style reuse (``deepcache.py``), in the reference's own
+    process after its timed rounds (not interleaved: its ratio compares with the reference's median of
+    this run), with its deviation from the exact output."""
+    ref = next(r for r in runs if r.name == ref_name)
+    try:
+        worker.call(
+            "load_runtime",
+            backend=ref.backend,
+            section=ref.section,
+            dtype=ref.dtype,
+            vaes=["full"],
+            preload=[task],
+        )
+        got = worker.call(
+            "deepcache",
+            task=task,
+            params=params,
+            interval=config.deepcache,
+            repeat=config.task_repeat or config.repeat,
+        )
+        out = worker.call("task_outputs", key="deepcache")
+        worker.call("unload")
+    except WorkerError as e:
+        record_error(errors, ref_name, f"task {task}", "deepcache", e)
+        return None
+    seconds = [x["seconds"] for x in got["runs"]]
+    unet = [x["timings"].get("unet") for x in got["runs"] if x["timings"].get("unet") is not None]
+    ref_unet = ref_row["stages_median_s"].get("unet")
+    return {
+        "interval": config.deepcache,
+        "calls": got["kinds"],
+        "description": got["description"],
+        "median_s": statistics.median(seconds),
+        "samples_s": seconds,
+        "ratio_to_reference": statistics.median(seconds) / ref_row["median_s"],
+        "unet_median_s": statistics.median(unet) if unet else None,
+        "unet_ratio_to_reference": statistics.median(unet) / ref_unet if unet and ref_unet else None,
+        "deviation": deviation(ref_out, out),
+        "method": "the PyTorch reference's UNet run full on every N-th step and shallow (conv_in, first down "
+        "block, last up block on the cached deep features) on the others, inside the runtime loop; timed "
+        "after the reference's rounds in the same process (not interleaved)",
+    }

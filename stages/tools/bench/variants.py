@@ -10,7 +10,7 @@ from typing import Any
 from sdkiln.runtime.contract.errors import UserError
 from sdkiln.runtime.contract.manifest import BundleManifest, Section, read_bundle_manifest
 
-SCHEMA = 1
+SCHEMA = 2
 
 # --------------------------------------------------------------------------------------------------
 # Variants (data)
@@ -54,6 +54,12 @@ TORCH_VARIANTS: dict[str, TorchSettings] = {
 # Run without being asked (gated by the hardware, see ``_default_gate``); compile costs minutes.
 DEFAULT_TORCH = ("torch", "torch-bf32", "torch-bf16")
 
+# OpenVINO inference-precision presets: ``openvino/fp32@bf16``. The default (f32) is the exact profile.
+OV_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"inference_precision": "f32"},
+    "bf16": {"inference_precision": "bf16"},
+}
+
 # ONNX Runtime session-option presets: ``onnx/fp32@basic``. The default is what the runtime uses.
 ORT_PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -89,7 +95,7 @@ class Variant:
     """One thing to measure: a backend, the bundle section it reads and its settings."""
 
     name: str
-    backend: str  # "torch" | "onnxruntime"
+    backend: str  # "torch" | "onnxruntime" | "openvino"
     section: str
     precision: str
     settings: dict[str, Any] = field(default_factory=dict)
@@ -205,7 +211,7 @@ def torch_folder(component: str) -> str:
 def artifact_bytes(bundle: Bundle, variant: Variant, component: str) -> int:
     """On-disk bytes of what the variant loads for ``component``: the ONNX graph and its external data,
     or the safetensors of the component's diffusers folder (a VAE folder holds encoder and decoder)."""
-    if variant.backend == "onnxruntime":
+    if variant.backend in ("onnxruntime", "openvino"):
         entry = bundle.components(variant.section).get(component, {})
         rel = Path(entry.get("path", f"{component}/model.onnx")).parent.as_posix()
         total = bundle.files_bytes(f"{variant.section}/{rel}")
@@ -233,7 +239,13 @@ class BenchConfig:
     batch: int = 1
     steps: int = 4
     reference: str = "torch"
-    taesd_e2e: bool = True
+    # Fast-profile levers run end to end on ``fast_base`` (``auto``: the fastest variant whose components
+    # all met their floors in this run): ``taesd``, ``steps<N>``, ``cn<K>``, joined with ``+``.
+    levers: tuple[str, ...] = ("taesd",)
+    fast_base: str | None = "auto"
+    task_repeat: int | None = None  # timed rounds of the task phase (None: ``repeat``)
+    deepcache: int = 0  # > 0: also run the reference with DeepCache-style reuse (full every N steps)
+    record: bool = True  # write this machine's results for ``backend="auto"`` (~/.cache/sdkiln/bench)
     peak_max_n: int = 2048
     seed: int = 0
     timeout_s: float = 3600.0
@@ -274,6 +286,13 @@ def available_variants(bundle: Bundle) -> tuple[dict[str, Variant], dict[str, st
     onnx_sections = bundle.of_kind("onnx")
     for section in onnx_sections:
         available[section] = _onnx_variant(bundle, section)
+    ov_gap = _openvino_gap()
+    for section in bundle.of_kind("openvino"):
+        if ov_gap:
+            reasons[section] = ov_gap
+            continue
+        available[section] = _ov_variant(bundle, section, "default")
+        available[f"{section}@bf16"] = _ov_variant(bundle, section, "bf16")
     for section in bundle.of_kind("coreml"):
         reasons[section] = "Core ML predictions run only on macOS"
     for section in bundle.of_kind("tensorrt"):
@@ -294,10 +313,11 @@ def select_variants(
 ) -> tuple[list[Variant], list[dict[str, str]]]:
     """The variants to run (the reference first) and, for each one left out, why."""
     onnx_sections = [n for n, v in available.items() if v.backend == "onnxruntime"]
+    ov_variants = [n for n, v in available.items() if v.backend == "openvino"]
     chosen: list[Variant] = []
     skipped = [{"variant": n, "reason": r} for n, r in reasons.items() if config.backends is None]
     if config.backends is None:
-        for name in (*DEFAULT_TORCH, *onnx_sections):
+        for name in (*DEFAULT_TORCH, *onnx_sections, *ov_variants):
             if name not in available:
                 continue
             why = _default_gate(name, facts, peak)
@@ -309,7 +329,9 @@ def select_variants(
     unknown = []
     for name in dict.fromkeys(config.backends):
         base, _, preset = name.partition("@")
-        if base in available and not preset:
+        if name in available:  # plain variants, and OpenVINO's ``@bf16`` ones
+            chosen.append(available[name])
+        elif base in available and not preset:
             chosen.append(available[base])
         elif base in onnx_sections and preset in ORT_PRESETS:
             chosen.append(_with_preset(available[base], preset))
@@ -335,6 +357,37 @@ def _onnx_variant(bundle: Bundle, section: str) -> Variant:
     )
 
 
+def _openvino_gap() -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "OpenVINO is not installed here (pip install 'sdkiln[openvino]')"
+    return None
+
+
+def _ov_variant(bundle: Bundle, section: str, preset: str) -> Variant:
+    precision = str(bundle.sections[section].precision)
+    hint = OV_PRESETS[preset]["inference_precision"]
+    if hint == "bf16":
+        return Variant(
+            f"{section}@bf16",
+            "openvino",
+            section,
+            bf16_label(precision),
+            dict(OV_PRESETS[preset]),
+            f"OpenVINO CPU, {section}, bf16 inference precision (a fast-profile trade-off)",
+        )
+    return Variant(
+        section, "openvino", section, precision, dict(OV_PRESETS[preset]), f"OpenVINO CPU, {section}, f32"
+    )
+
+
+def bf16_label(precision: str) -> str:
+    """What a component stored at ``precision`` computes in under OpenVINO's bf16 hint: fp32 weights run
+    in bf16; int8 ones keep their int8 kernels with the rest in bf16."""
+    return "bf16" if precision in ("fp32", "bf16") else f"{precision}+bf16"
+
+
 def _with_preset(v: Variant, preset: str) -> Variant:
     return Variant(
         f"{v.section}@{preset}",
@@ -350,6 +403,8 @@ def _default_gate(name: str, facts: dict[str, Any], peak: dict[str, Any]) -> str
     """Why a default variant is not worth running on this machine (None: run it). Asked-for variants
     always run; these only keep an unattended run from spending an hour on emulated bf16."""
     isa = facts.get("isa", {})
+    if name.endswith("@bf16") and not (isa.get("avx512_bf16") or isa.get("amx_bf16")):
+        return "OpenVINO's bf16 inference needs avx512_bf16 or amx_bf16 (absent here); ask for it with --backends"
     if name == "torch-bf32" and not (isa.get("avx512_bf16") or isa.get("amx_bf16")):
         return (
             "oneDNN's implicit-bf16 fp32 path needs avx512_bf16 or amx_bf16 (absent here), so it would run "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sdkiln.runtime.contract.errors import BuildError, UserError
-from sdkiln.stages.tools.bench.machine import _np_gemm, _ort_gemm, _probe, _read, _torch_gemm
+from sdkiln.stages.tools.bench.machine import _np_gemm, _ort_gemm, _ov_gemm, _probe, _read, _torch_gemm
 from sdkiln.stages.tools.bench.variants import WEIGHT_MODULES, Bundle, Variant, base_component, torch_folder
 
 # --------------------------------------------------------------------------------------------------
@@ -196,6 +196,8 @@ class _WorkerState:
         self.pixels: dict[str, Any] = {}
         self.memory_reset = False
         self.baseline: int | None = None
+        self.kernels: dict[str, Any] | None = None
+        self.cpu: list[float] = []
 
     # -- setup, peak ---------------------------------------------------------------------------------
 
@@ -252,6 +254,17 @@ class _WorkerState:
             )
         except ImportError as e:
             probes.append({"name": "onnxruntime", "dtype": "fp32", "error": str(e)})
+        try:
+            import openvino  # noqa: F401
+        except ImportError as e:
+            probes.append({"name": "openvino", "dtype": "fp32", "error": str(e)})
+            return probes
+        for mode, dtype in (("f32", "fp32"), ("bf16", "bf16"), ("int8", "int8")):
+            probes.append(
+                _probe(
+                    f"openvino MatMul {mode}", dtype, max_n, lambda n, m=mode: _ov_gemm(n, m, self.threads)
+                )
+            )
         return probes
 
     # -- components ----------------------------------------------------------------------------------
@@ -262,11 +275,46 @@ class _WorkerState:
         self.baseline = _memory()["VmRSS"]
         t0 = time.perf_counter()
         assert self.variant is not None and self.bundle is not None
+        self.kernels = None
+        self.cpu: list[float] = []
         if self.variant["backend"] == "torch":
             weight_bytes = self._load_torch(component, feeds)
+        elif self.variant["backend"] == "openvino":
+            weight_bytes = self._load_ov(component, feeds)
         else:
             weight_bytes = self._load_ort(component, feeds)
-        return {"load_s": time.perf_counter() - t0, "weight_bytes": weight_bytes}
+        out = {"load_s": time.perf_counter() - t0, "weight_bytes": weight_bytes}
+        if self.kernels is not None:
+            out["kernels"] = self.kernels
+        return out
+
+    def _load_ov(self, component: str, feeds: dict[str, Any]) -> int | None:
+        """The runtime's own OpenVINO component (compiled as ``sdkiln run`` compiles it)."""
+        from sdkiln.runtime.backends.openvino import OpenVinoBackend
+        from sdkiln.stages.common.openvino.io import runtime_census
+
+        assert self.variant is not None and self.bundle is not None
+        section = self.variant["section"]
+        entries = Bundle.open(self.bundle).components(section)
+        if component not in entries:
+            raise UserError(f"{section} has no {component}")
+        backend = OpenVinoBackend(
+            self.bundle / section,
+            entries,
+            inference_precision=self.variant["settings"].get("inference_precision", "f32"),
+            threads=self.threads,
+        )
+        comp = backend.component(component)
+        run_feeds = {k: v for k, v in feeds.items() if k in comp.io.inputs}
+        out_names = list(comp.io.outputs)
+        self.kernels = {
+            "source": "OpenVINO execution graph (layerType:runtimePrecision)",
+            "nodes": runtime_census(comp.compiled),
+        }
+        self.model = comp
+        self.fn = lambda: comp(**run_feeds)
+        self.to_numpy = lambda outs: {n: outs[n] for n in out_names}
+        return None
 
     def _load_ort(self, component: str, feeds: dict[str, Any]) -> int | None:
         import onnxruntime as ort
@@ -286,6 +334,13 @@ class _WorkerState:
             opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, s["graph_optimization_level"])
         for k, v in (s.get("config") or {}).items():
             opts.add_session_config_entry(k, v)
+        # Profile one call to see which kernels ran (QLinearConv vs ConvInteger vs fp32 Conv), then stop
+        # profiling: the timed calls are not profiled.
+        import tempfile
+
+        prof_dir = tempfile.mkdtemp(prefix="sdkiln-bench-prof-")
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(prof_dir) / "ort")
         session = ort.InferenceSession(
             str(self.bundle / section / entry["path"]), sess_options=opts, providers=["CPUExecutionProvider"]
         )
@@ -295,6 +350,11 @@ class _WorkerState:
             raise UserError(f"{component}: the graph wants inputs the spec lacks: {sorted(missing)}")
         run_feeds = {k: v for k, v in feeds.items() if k in names}
         out_names = [o.name for o in session.get_outputs()]
+        session.run(out_names, run_feeds)
+        self.kernels = ort_kernels(session.end_profiling())
+        import shutil
+
+        shutil.rmtree(prof_dir, ignore_errors=True)
 
         def fn() -> list[Any]:
             return session.run(out_names, run_feeds)
@@ -361,15 +421,22 @@ class _WorkerState:
         return weight_bytes
 
     def run(self, n: int) -> list[float]:
+        """Wall seconds of ``n`` calls; the process CPU seconds of each (all threads) are kept for
+        ``cpu_samples``: on a shared machine they vary less than wall time."""
         times = []
         ctx = _inference_mode(self.variant)
         with ctx:
             for _ in range(n):
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 out = self.fn()
                 times.append(time.perf_counter() - t0)
+                self.cpu.append(time.process_time() - c0)
         self.last = out
         return times
+
+    def cpu_samples(self) -> list[float]:
+        """CPU seconds of every timed call since the component was loaded (warm-up calls included first)."""
+        return list(self.cpu)
 
     def outputs(self) -> dict[str, Any]:
         import numpy as np
@@ -409,8 +476,17 @@ class _WorkerState:
 
     # -- end to end ----------------------------------------------------------------------------------
 
-    def load_runtime(self, backend: str, section: str, dtype: str, vaes: list[str]) -> dict[str, Any]:
-        """A fresh runtime pipeline per VAE choice, all over one backend (TAESD shares the sessions)."""
+    def load_runtime(
+        self,
+        backend: str,
+        section: str,
+        dtype: str,
+        vaes: list[str],
+        inference_precision: str = "f32",
+        preload: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """A fresh runtime pipeline per VAE choice, all over one backend (TAESD shares the sessions);
+        ``preload`` (a task name) loads that task's components now, so no timed call pays for them."""
         from sdkiln.runtime.load import load
         from sdkiln.runtime.pipeline import Pipeline
 
@@ -420,38 +496,105 @@ class _WorkerState:
         t0 = time.perf_counter()
         assert self.bundle is not None
         first = load(
-            self.bundle, backend=backend, section=section, dtype=dtype, vae=vaes[0], threads=self.threads
+            self.bundle,
+            backend=backend,
+            section=section,
+            dtype=dtype,
+            vae=vaes[0],
+            threads=self.threads,
+            inference_precision=inference_precision,
         )
         self.pipes = {vaes[0]: first}
         for vae in vaes[1:]:
             self.pipes[vae] = Pipeline(first.backend, first.info, vae=vae, source=first.source)
-        return {"load_s": time.perf_counter() - t0}
+        for task in preload or []:
+            for pipe in self.pipes.values():
+                pipe.preload(pipe.components_for(task, "canny" if task == "edit" else None))
+        return {"load_s": time.perf_counter() - t0, "description": first.backend.description}
 
-    def run_task(self, task: str, params: dict[str, Any], vae: str) -> dict[str, Any]:
-        """One task from user inputs to pixels (request building, e.g. Canny, included)."""
+    def run_task(self, task: str, params: dict[str, Any], vae: str, key: str | None = None) -> dict[str, Any]:
+        """One task from user inputs to pixels (request building, e.g. Canny, included). ``params`` may
+        carry the fast-profile levers ``steps`` and ``control_end``; outputs are kept under ``key``."""
         from sdkiln.runtime.tasks import edit_request, sketch_request, text_request
 
         pipe = self.pipes[vae]
         p = dict(params)
         h, w = p["height"], p["width"]
         common = {k: p[k] for k in ("steps", "seed", "height", "width")}
+        control = {"control_end": p["control_end"]} if "control_end" in p else {}
         sketch, photo = _example_sketch(h, w), _example_photo(h, w)
         t0 = time.perf_counter()
         if task == "sketch":
-            req = sketch_request(pipe, sketch, p["prompt"], **common)
+            req = sketch_request(pipe, sketch, p["prompt"], **common, **control)
         elif task == "text":
             req = text_request(pipe, p["prompt"], **common)
         else:
             req = edit_request(
-                pipe, photo, p["prompt"], strength=p["strength"], control=p["control"], **common
+                pipe, photo, p["prompt"], strength=p["strength"], control=p["control"], **common, **control
             )
+        c0 = time.process_time()
         result = pipe.generate(req)
+        cpu = time.process_time() - c0
         seconds = time.perf_counter() - t0
-        self.pixels[vae] = result.pixels
-        return {"seconds": seconds, "timings": dict(result.timings), "steps": result.steps}
+        self.pixels[key or vae] = {"pixels": result.pixels, "latents": result.latents}
+        return {
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "timings": dict(result.timings),
+            "steps": result.steps,
+        }
 
-    def task_pixels(self, vae: str) -> Any:
-        return self.pixels[vae]
+    def deepcache(self, task: str, params: dict[str, Any], interval: int, repeat: int) -> dict[str, Any]:
+        """The task on the loaded torch pipeline with DeepCache-style feature reuse (``deepcache.py``):
+        ``repeat`` timed runs; the last run's outputs are kept under ``deepcache``."""
+        from sdkiln.runtime.pipeline import Pipeline
+        from sdkiln.stages.tools.bench.deepcache import DeepCacheBackend
+
+        base = self.pipes["full"]
+        backend = DeepCacheBackend(base.backend, interval)
+        pipe = Pipeline(backend, base.info, vae="full", source=base.source)
+        self.pipes["deepcache"] = pipe
+        runs = []
+        for _ in range(repeat):
+            backend.unet.reset()
+            runs.append(self.run_task(task, params, "deepcache", key="deepcache"))
+        return {"runs": runs, "kinds": list(backend.unet.kinds), "description": backend.description}
+
+    def task_pixels(self, vae: str, key: str | None = None) -> Any:
+        return self.pixels[key or vae]["pixels"]
+
+    def task_outputs(self, key: str) -> dict[str, Any]:
+        """The last run's final pixels and latents (for deviation from the exact output)."""
+        return self.pixels[key]
+
+
+def ort_kernels(profile: str) -> dict[str, Any]:
+    """Which kernels an ONNX Runtime session ran, from its profile of one call: per op type, the node
+    count and the share of the kernel time (``QLinearConv`` is an int8 convolution; ``ConvInteger`` the
+    dynamic-quantization one; ``Conv``/``FusedConv``/``MatMul`` run in fp32)."""
+    import json
+
+    try:
+        events = json.loads(Path(profile).read_text())
+    except (OSError, ValueError):
+        return {"source": "onnxruntime profile", "error": f"unreadable profile {profile}"}
+    nodes: dict[str, dict[str, float]] = {}
+    total = 0.0
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        d = nodes.setdefault(op, {"count": 0, "us": 0.0})
+        d["count"] += 1
+        d["us"] += float(e.get("dur", 0))
+        total += float(e.get("dur", 0))
+    return {
+        "source": "onnxruntime profile of one call (op type: nodes, share of kernel time)",
+        "nodes": {
+            op: {"count": int(d["count"]), "time_share": round(d["us"] / total, 4) if total else None}
+            for op, d in sorted(nodes.items(), key=lambda kv: -kv[1]["us"])
+        },
+    }
 
 
 def _inference_mode(variant: dict[str, Any] | None) -> Any:

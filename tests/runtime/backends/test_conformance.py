@@ -16,12 +16,14 @@ from sdkiln.runtime.parity import CASES, run_case
 
 pytest.importorskip("torch", reason="the tiny bundle is built with the build extra")
 
-BACKENDS = ["onnx", "torch"]  # coreml: tests/runtime/backends/test_coreml.py (predict needs macOS)
+BACKENDS = ["onnx", "torch", "openvino"]  # coreml: tests/runtime/backends/test_coreml.py (needs macOS)
 SIZE = 64
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def pipe(request, tiny_bundle: Path):
+    if request.param == "openvino":
+        return load(request.getfixturevalue("tiny_openvino_bundle"), backend="openvino")
     return load(tiny_bundle, backend=request.param)
 
 

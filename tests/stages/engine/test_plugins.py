@@ -58,3 +58,18 @@ def test_two_plugins_cannot_define_one_stage(plugin) -> None:
     spec = plugin("a_plugin", "dup") + "," + plugin("b_plugin", "dup")
     with pytest.raises(UserError, match="'dup' is defined by both a_plugin:STAGES and b_plugin:STAGES"):
         registry(STAGES, spec)
+
+
+def test_the_cli_and_the_stage_registry_import_no_toolchain():
+    """Every `sdkiln` command imports the registry; the heavy toolchains load inside a stage's run only
+    (importing torch alone costs seconds and ~200 MB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sdkiln.stages.cli, sdkiln.stages\n"
+        "bad = ('torch', 'diffusers', 'transformers', 'onnx', 'onnxruntime', 'coremltools', 'ray')\n"
+        "print(','.join(sorted(m for m in bad if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
