@@ -381,7 +381,10 @@ def run(ctx: StageContext) -> None:
                     "psnr_db": round(worst, 2),
                     "psnr_floor_db": floor,
                     **(
-                        {f"psnr_db_batch{b}": round(db, 2) for b, db in zip(bplan.sizes, parity.case_db, strict=True)}
+                        {
+                            f"psnr_db_batch{b}": round(db, 2)
+                            for b, db in zip(bplan.sizes, parity.case_db, strict=True)
+                        }
                         if bplan.flexible
                         else {}
                     ),

@@ -90,7 +90,9 @@ def _names(features: Any) -> list[str]:
 
 
 def _shape(spec: Any, name: str) -> list[int]:
-    return [int(d) for d in next(f for f in spec.description.input if f.name == name).type.multiArrayType.shape]
+    return [
+        int(d) for d in next(f for f in spec.description.input if f.name == name).type.multiArrayType.shape
+    ]
 
 
 def _optional(spec: Any) -> set[str]:
@@ -122,7 +124,9 @@ def check_section(built: Built, xl: bool = False) -> None:
         # A chunked UNet's model inputs: chunk 1's, and chunk 2's that chunk 1 does not compute
         # (Array<ManagedMLModel>.predictions feeds chunk 2 the original inputs and chunk 1's outputs).
         inputs = _names(spec.description.input)
-        inputs += [n for n in _names(last.description.input) if n not in inputs + _names(spec.description.output)]
+        inputs += [
+            n for n in _names(last.description.input) if n not in inputs + _names(spec.description.output)
+        ]
         outputs = _names(last.description.output)
         optional = set().union(*(_optional(s) for s in specs))
         batches = {k: v for s in reversed(specs) for k, v in accepted_batches(s).items()}
@@ -211,7 +215,9 @@ def test_the_check_catches_a_unet_declared_at_batch_one(coreml_split: Built, tmp
             arr.shape[0] = 1
             arr.ClearField("enumeratedShapes")
             arr.ClearField("shapeRange")
-    ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True).save(str(tmp_path / "b1.mlpackage"))
+    ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True).save(
+        str(tmp_path / "b1.mlpackage")
+    )
     shutil.rmtree(out / rel)
     shutil.move(str(tmp_path / "b1.mlpackage"), str(out / rel))
     broken = SimpleNamespace(out=out, ctx=SimpleNamespace(components=coreml_split.ctx.components))

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdkiln.stages.common.coreml.io import save_package
+
 logger = logging.getLogger(__name__)
 
 # The batch sizes a flexible UNet/ControlNet takes; the first is its declared (default) shape.
@@ -101,13 +103,6 @@ def tie_batches(module: nn.Module) -> int:
     return n
 
 
-def tie_batch(reference: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tensors`` reshaped to ``reference``'s batch: a no-op in value, but in a converted program every
-    batch-carrying input then shares the ``sample`` input's batch symbol."""
-    b = reference.shape[0]
-    return tuple(t.reshape(b, *t.shape[1:]) for t in tensors)
-
-
 @dataclass(frozen=True)
 class BatchPlan:
     """How a component's batch is declared: its sizes (the first is the default) and the Core ML way."""
@@ -149,7 +144,9 @@ def input_types(inputs: Any, plan: BatchPlan, batched: set[str]) -> list[Any]:
                 raise ValueError(f"{t.name}: an optional input cannot have a flexible batch")
             rest = list(t.shape[1:])
             if plan.mode == "enumerated":
-                shape = ct.EnumeratedShapes(shapes=[[b, *rest] for b in plan.sizes], default=[plan.default, *rest])
+                shape = ct.EnumeratedShapes(
+                    shapes=[[b, *rest] for b in plan.sizes], default=[plan.default, *rest]
+                )
                 shape.symbolic_shape[0] = dim.symbol  # the constructor draws a fresh symbol per input
             else:
                 shape = ct.Shape([dim, *rest])
@@ -216,9 +213,6 @@ def set_declared_batch(package: Path, batch: int) -> list[str]:
             changed.append(f.name)
     if changed:
         tmp = package.with_name(f"{package.stem}-redeclared.mlpackage")
-        # Saved as every package is (reproducibly); imported here: io imports this module.
-        from sdkiln.stages.common.coreml.io import save_package
-
         save_package(ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True), tmp)
         shutil.rmtree(package)
         tmp.rename(package)

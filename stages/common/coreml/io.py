@@ -40,7 +40,6 @@ from sdkiln.runtime.contract.layout import (
 from sdkiln.runtime.contract.manifest import ModelFacts
 from sdkiln.runtime.contract.metrics import compare
 from sdkiln.stages.common.coreml.attention import apply_attention
-from sdkiln.stages.common.coreml.flexible import tie_batch
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +128,19 @@ class TextEncoderIO(nn.Module):
         return out[hidden], out[self.pooled]
 
 
+def tie_batch(reference: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` reshaped to ``reference``'s batch: a no-op in value, but in a converted program every
+    batch-carrying input then shares the ``sample`` input's batch symbol."""
+    b = reference.shape[0]
+    return tuple(t.reshape(b, *t.shape[1:]) for t in tensors)
+
+
 class UnetIO(nn.Module):
     """``sample, timestep, encoder_hidden_states (B, D, 1, 77)[, timestep_cond][, text_embeds, time_ids]
     [, additional_residual_0..N-1]`` -> ``noise_pred``. The last residual is the mid-block one.
 
     ``tie`` (set for a flexible-batch conversion) reshapes every input to ``sample``'s batch first
-    (``flexible.tie_batch``)."""
+    (``tie_batch``)."""
 
     tie = False
 
@@ -153,7 +159,9 @@ class UnetIO(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *extra: torch.Tensor) -> torch.Tensor:  # fmt: skip
         if self.tie:
-            timestep, encoder_hidden_states, *rest = tie_batch(sample, timestep, encoder_hidden_states, *extra)
+            timestep, encoder_hidden_states, *rest = tie_batch(
+                sample, timestep, encoder_hidden_states, *extra
+            )
             extra = tuple(rest)
         context = (
             encoder_hidden_states if self.channels_first else encoder_hidden_states.squeeze(2).transpose(1, 2)

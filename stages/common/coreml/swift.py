@@ -70,7 +70,9 @@ def compile_resources(
         dest.parent.mkdir(parents=True, exist_ok=True)
         run = subprocess.run([*compiler, str(package), str(dest.parent)], capture_output=True, text=True)
         if run.returncode != 0:
-            raise BuildError(f"{' '.join(compiler)} {package} failed ({run.returncode}): {run.stderr.strip()}")
+            raise BuildError(
+                f"{' '.join(compiler)} {package} failed ({run.returncode}): {run.stderr.strip()}"
+            )
         compiled = dest.parent / f"{package.stem}.mlmodelc"
         if not compiled.is_dir():
             raise BuildError(f"{' '.join(compiler)} {package} wrote no {compiled.name}")

@@ -98,7 +98,7 @@ class GraphTransform:
         files = ou.save_model(model, self.out_path(comp), "auto", restore=False)
         spec = ou.io_spec(model)
         problems = ou.spec_mismatches(spec, {k: entry[k] for k in ("inputs", "outputs")}, comp.key)
-        self.record(comp, files, problems, ou.weight_precision(model), wanted)
+        self.record(comp, files, problems, ou.weight_precision(model), wanted, entry=entry)
         return files
 
     def record(
@@ -109,10 +109,12 @@ class GraphTransform:
         precision: tuple[str, dict[str, float]],
         wanted: str | None = None,
         path: str | None = None,
+        entry: dict[str, Any] | None = None,
     ) -> None:
         """Record a saved model of any format (ONNX here; OpenVINO IR in ``export_openvino``): its I/O
         mismatches (a BuildError), its precision read from its content (``(label, shares)``) against
-        ``wanted``, its bytes, and its manifest entry (``path`` when the file is not the ONNX one)."""
+        ``wanted``, its bytes, and its manifest entry (``path`` when the file is not the ONNX one;
+        ``entry``: a stage's new entry for it, default the input's)."""
         if problems:
             raise BuildError(f"{self.ctx.stage.name}: a graph changed its I/O:\n  " + "\n  ".join(problems))
         label, shares = precision
@@ -121,7 +123,7 @@ class GraphTransform:
             self.warnings.append(msg)
             logger.warning("%s: %s", self.ctx.step_id, msg)
         self.bytes[comp.key] = ou.files_bytes(files)
-        entry = {**self.entry(comp), "precision": label, "weight_storage": shares}
+        entry = {**(entry or self.entry(comp)), "precision": label, "weight_storage": shares}
         if path is not None:
             entry["path"] = path
         self.ctx.components[comp.key] = entry
