@@ -239,3 +239,77 @@ def test_packages_are_saved_reproducibly(coreml_split, tmp_path):
     manifest = json.loads(saved[0]["Manifest.json"])
     root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
     assert root["path"] == "com.apple.CoreML/model.mlmodel"
+
+
+@pytest.mark.parametrize(
+    ("which", "mode", "flexibility"),
+    [("coreml_split", "enumerated", "enumeratedShapes"), ("coreml_original", "range", "shapeRange")],
+)
+def test_unet_and_controlnet_take_batch_one_and_two_declared_as_two(which, mode, flexibility, request):
+    """iOS 18 targets get enumerated shapes, older ones a 1...2 range; either way the declared (default)
+    shape is batch 2, the one Apple's Swift pipeline reads, and both batches are measured."""
+    import coremltools as ct
+
+    from sdkiln.stages.common.coreml.flexible import accepted_batches
+
+    built = request.getfixturevalue(which)
+    assert built.ctx.details["batch_flexibility"] == mode and built.ctx.details["batch_sizes"] == [2, 1]
+    m = built.ctx.metrics
+    for key in ("controlled_unet", "controlnet.scribble"):
+        spec = ct.utils.load_spec(str(built.out / built.ctx.components[key]["path"]))
+        for f in spec.description.input:
+            arr = f.type.multiArrayType
+            if f.name == "conditioning_scale":  # (1,), optional: no batch axis
+                assert arr.WhichOneof("ShapeFlexibility") is None and list(arr.shape) == [1]
+                continue
+            assert arr.WhichOneof("ShapeFlexibility") == flexibility, (key, f.name)
+            assert int(arr.shape[0]) == 2 and accepted_batches(spec)[f.name] == [1, 2], (key, f.name)
+        floor = m[f"{key}.psnr_floor_db"]
+        assert m[f"{key}.psnr_db_batch2"] >= floor and m[f"{key}.psnr_db_batch1"] >= floor, key
+        assert m[f"{key}.psnr_db"] == min(m[f"{key}.psnr_db_batch2"], m[f"{key}.psnr_db_batch1"])
+    # The batch-free components keep one fixed batch-1 shape.
+    for key in set(built.ctx.components) - {"controlled_unet", "controlnet.scribble"}:
+        spec = ct.utils.load_spec(str(built.out / built.ctx.components[key]["path"]))
+        assert all(
+            f.type.multiArrayType.WhichOneof("ShapeFlexibility") is None for f in spec.description.input
+        )
+
+
+def test_a_flexible_batch_package_cannot_be_declared_at_batch_one():
+    with pytest.raises(ValidationError, match="flexible_batch: false"):
+        ExportCoremlParams(batch=1)
+    assert ExportCoremlParams(batch=1, flexible_batch=False).batch == 1
+
+
+def test_a_batch_baked_into_the_program_is_caught():
+    """``program_problems`` is what fails the stage when a conversion loses the symbolic batch: a module
+    that reshapes with its traced batch as a constant must be reported, the batch-following one not."""
+    import coremltools as ct
+    import torch
+
+    from sdkiln.stages.common.coreml.flexible import BatchPlan, program_problems
+
+    class Baked(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(2, -1).sum(dim=1, keepdim=True).reshape(2, 1, 1, 1) * x
+
+    class Follows(torch.nn.Module):
+        def forward(self, x):
+            b = x.shape[0]
+            return x.reshape(b, -1).sum(dim=1, keepdim=True).reshape(b, 1, 1, 1) * x
+
+    plan = BatchPlan((2, 1), "range")
+    problems = {}
+    for module in (Baked(), Follows()):
+        traced = torch.jit.trace(module, torch.zeros(2, 3, 4, 4))
+        shape = ct.Shape([ct.RangeDim(1, 2, default=2), 3, 4, 4])
+        mlmodel = ct.convert(
+            traced,
+            convert_to="mlprogram",
+            inputs=[ct.TensorType(name="x", shape=shape, dtype=np.float32)],
+            minimum_deployment_target=ct.target.iOS17,
+            skip_model_load=True,
+        )
+        problems[type(module).__name__] = program_problems(mlmodel, plan)
+    assert problems["Follows"] == []
+    assert len(problems["Baked"]) == 1 and "static" in problems["Baked"][0]
