@@ -225,15 +225,31 @@ def test_the_check_catches_a_unet_declared_at_batch_one(coreml_split: Built, tmp
         check_section(broken)  # type: ignore[arg-type]
 
 
-def test_compile_plan_and_card_commands_agree(coreml_split: Built) -> None:
-    """The model card's shell loop compiles packages/X.mlpackage into Resources/X.mlmodelc: the names
-    ``resources_plan`` gives, which are Apple's."""
-    from sdkiln.stages.common.coreml.swift import resources_plan
+@pytest.mark.parametrize("which", ["coreml_split", "palettized_unet"])
+def test_compile_plan_and_card_commands_agree(which: str, request: Any) -> None:
+    """The model card's shell loops (``for p in <glob>; do xcrun coremlcompiler compile "$p" <dir>/; done``,
+    which names each compiled model after its package) put every package where ``resources_plan`` puts
+    it, which is where Apple's Swift package looks."""
+    import re
 
-    plan = resources_plan(coreml_split.out, coreml_split.ctx.components)
-    for package, target in plan:
-        rel = package.relative_to(coreml_split.out / "packages")
-        assert target == rel.with_suffix(".mlmodelc").as_posix()
+    from sdkiln.runtime.contract.manifest import Section
+    from sdkiln.stages.common.coreml.swift import resources_plan
+    from sdkiln.stages.tools.publish.elsewhere import compile_commands
+
+    built = request.getfixturevalue(which)
+    art = built.artifact("coreml")
+    sec = Section.from_artifact("coreml", art.manifest)
+    shell = compile_commands("user/repo", "main", "coreml/split_einsum", sec)
+    loops = re.findall(r'for p in (\S+); do xcrun coremlcompiler compile "\$p" (\S+); done', shell)
+    assert loops, shell
+    compiled = sorted(
+        (Path(dest.rstrip("/")) / pkg.with_suffix(".mlmodelc").name).as_posix()
+        for pattern, dest in loops
+        for pkg in built.out.glob(pattern)
+    )
+    want = sorted("Resources/" + target for _, target in resources_plan(built.out, built.ctx.components))
+    assert compiled == want
+    assert "cp vocab.json merges.txt Resources/" in shell
 
 
 @pytest.mark.macos
