@@ -40,6 +40,7 @@ from pydantic import Field, model_validator
 from sdkiln.runtime.contract.errors import BuildError
 from sdkiln.runtime.contract.layout import Kind
 from sdkiln.stages.common.onnx.parity import ParityParams
+from sdkiln.stages.common.onnx.pipeline_calls import PipelineParityParams
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class ExportOnnxParams(StageParams):
     )
     external_data: Literal["auto", "always", "never"] = "auto"
     parity: ParityParams = ParityParams()
+    # An independent reference: the calls diffusers' own pipelines make, at the model's resolution
+    # (capped at 512 px on this CPU budget), batch 1 and 2 (common/onnx/pipeline_calls.py).
+    pipeline_parity: PipelineParityParams = PipelineParityParams()
 
     @model_validator(mode="after")
     def _check(self) -> ExportOnnxParams:
@@ -143,6 +147,14 @@ def export_graph(
             program.save(str(path), external_data=True)
 
 
+def _reference_size(unet_cfg: dict[str, Any], fam: Any, cap: int = 512) -> int:
+    """The model's own image size in pixels, capped (an SDXL UNet at 1024 px and batch 4 under CFG does not
+    fit beside the export in this machine's memory)."""
+    sample = unet_cfg.get("sample_size") or 64
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return min(int(sample) * fam.vae_scale_factor, cap)
+
+
 def run(ctx: StageContext) -> None:
     import torch
 
@@ -174,6 +186,22 @@ def run(ctx: StageContext) -> None:
     export_s: dict[str, float] = {}
     external: list[str] = []
     optional_checks: dict[str, Any] = {}
+    pipeline_cases: dict[str, list[Any]] = {}
+    if p.pipeline_parity.enabled:
+        from sdkiln.stages.common.onnx.pipeline_calls import pipeline_cases as run_pipelines
+
+        pp = p.pipeline_parity
+        size = p.static.height if p.static else (pp.size or _reference_size(unet_cfg, fam))
+        with ctx.timed("pipeline_reference_s"):
+            pipeline_cases = run_pipelines(
+                loaded, comps, size=size, batch_sizes=pp.batch_sizes, steps=pp.steps, seed=pp.seed,
+                static=static_axes,
+            )  # fmt: skip
+        ctx.details["pipeline_parity"] = {
+            "size": size,
+            "batch_sizes": pp.batch_sizes,
+            "calls": {k: len(v) for k, v in pipeline_cases.items()},
+        }
     example_size = p.static.height if p.static else max(p.parity.image_sizes)
     example_axes = static_axes or oc.bindings(2, example_size, example_size, fam.vae_scale_factor)
 
@@ -222,6 +250,7 @@ def run(ctx: StageContext) -> None:
             fam.vae_scale_factor,
             static_axes,
         )
+        cases += pipeline_cases.pop(comp.key, [])
         session = ou.cpu_session(out_path)
         report.check(comp.key, session, cases, gate_for(comp.key, prec))
         if optional:
@@ -269,7 +298,9 @@ def _rmtree(path: Any) -> None:
 
 STAGE = Stage(
     name="export_onnx",
-    version="2",  # 2: the UNet's ControlNet residual inputs are optional (zero defaults)
+    # 2: diffusers' pipeline calls replayed as a reference (issue 12); 3: the UNet's ControlNet residual
+    # inputs are optional (zero defaults)
+    version="3",
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.ONNX,
     params=ExportOnnxParams,

@@ -169,6 +169,50 @@ def test_parity_detects_a_wrong_weight(coreml_split, tiny_sd15_dir):
     assert good >= COREML_TINY_MIN_PSNR_DB["fp16"] > measured(bad)
 
 
+def test_readback_accounts_for_every_weight(coreml_split, tiny_sd15_dir):
+    """Every package weight maps to a parameter (or a derived constant) and every parameter is in the
+    package (or is an identity affine the converter removed); a weight the package lacks, or holds
+    without a parameter, is named."""
+
+    def check(recs):
+        module = cio.build_module(
+            "vae_decoder", cio.load_model(tiny_sd15_dir, "vae_decoder"), "original", False
+        )
+        return crb.accounting_problems(module, recs, crb.load_weights_into(module, recs))
+
+    records = crb.read_weights(coreml_split.out / SPLIT_PACKAGES["vae_decoder"])
+    assert check(records) == []
+    conv = next(n for n in records if "conv_in_weight" in n)
+    missing = check({k: v for k, v in records.items() if k != conv})
+    assert len(missing) == 1 and "decoder.conv_in.weight" in missing[0]
+    stray = crb.WeightRecord("stray_to_fp16", np.full((4, 4), 0.5, np.float16), 256)
+    extra = check({**records, "stray_to_fp16": stray})
+    assert extra == ["package weight stray_to_fp16 (4, 4) maps to no parameter of the module"]
+
+
+def test_one_layer_2pct_off_fails_the_fp16_gate(coreml_split, tiny_sd15_dir):
+    """A layer 2 % off in an fp16 package: the read-back finds it at the weight (fp16 rounding is
+    ~3e-4 of a tensor's RMS; the limit is 2e-3)."""
+    records = crb.read_weights(coreml_split.out / SPLIT_PACKAGES["vae_decoder"])
+    conv = next(n for n in records if "conv_in_weight" in n)
+    bad = {
+        **records,
+        conv: crb.WeightRecord(conv, records[conv].dense * np.float16(1.02), records[conv].storage_bits),
+    }
+    module = cio.build_module("vae_decoder", cio.load_model(tiny_sd15_dir, "vae_decoder"), "original", False)
+    problems = crb.accounting_problems(module, bad, crb.load_weights_into(module, bad))
+    assert len(problems) == 1 and "decoder.conv_in.weight (float)" in problems[0], problems
+
+
+def test_derived_constants_are_recognised():
+    half = 16
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / half).astype(np.float16)[None]
+    assert crb._derived_constant(freqs) == "timestep frequencies"
+    mask = np.triu(np.full((5, 5), -3e4, np.float16), 1)
+    assert crb._derived_constant(mask) == "causal attention mask"
+    assert crb._derived_constant(np.random.default_rng(0).standard_normal((1, 16))) is None
+
+
 def test_default_batch_follows_guidance():
     assert default_batch(get_family("sd15"), lcm=False) == 2
     assert default_batch(get_family("sd15"), lcm=True) == 1

@@ -167,3 +167,29 @@ def test_choose_bits_widens_the_sensitive_layer_first():
     assert bits == {"robust": 4, "sensitive": 4}
     bits, predicted = choose_bits(sensitivity, sizes, (4, 8), target_db=90.0)  # unreachable: all widest
     assert bits == {"robust": 8, "sensitive": 8} and predicted < 90.0
+
+
+def test_one_layer_2pct_off_fails_the_6bit_gate(palettized_unet, tiny_sd15_dir):
+    """6-bit noise hides a layer 2 % off from the output PSNR (the palette costs ~15 dB on its own);
+    the read-back compares each palette value with the centroid of the reference weights it stands
+    for, which a faithful package matches up to rounding."""
+    records: dict = {}
+    for rel in CHUNKS:
+        records.update(crb.read_weights(palettized_unet.out / rel))
+
+    def check(recs):
+        module = cio.build_module("unet", cio.load_model(tiny_sd15_dir, "unet"), "original", False)
+        report = crb.load_weights_into(module, recs)
+        return report, crb.accounting_problems(module, recs, report)
+
+    report, problems = check(records)
+    assert problems == []
+    worst = max(err for kind, err in report.drift.values() if kind == "6bit")
+    assert worst <= crb.drift_limit("6bit")
+    op = max((n for n, r in records.items() if r.palettized), key=lambda n: records[n].dense.size)
+    bad = {
+        **records,
+        op: crb.WeightRecord(op, records[op].dense * np.float16(1.02), records[op].storage_bits, 6),
+    }
+    _, problems = check(bad)
+    assert len(problems) == 1 and "(6bit)" in problems[0], problems

@@ -158,7 +158,26 @@ class GraphTransform:
             unfed = od.check_unfed(sess, cases[0].feeds, f"{self.ctx.stage.name} {comp.key}")
             if unfed:
                 self.ctx.metrics.setdefault("optional_inputs", {})[comp.key] = unfed
+        self.check_weights(comp)
         return self.report.failures[before:]
+
+    def check_weights(self, comp: oc.Component) -> None:
+        """Gate a saved ONNX graph's fp16/int8 weights against its fp32 source graph's (``weights``):
+        output floors cannot see a single layer a few percent off under fp16 or int8 noise."""
+        from sdkiln.stages.common.onnx.weights import weight_drift
+
+        out, src = self.out_path(comp), self.in_path(comp)
+        if out.suffix != ".onnx" or self.entry(comp)["precision"] != "fp32" or not out.is_file():
+            return
+        drift = weight_drift(out, src)
+        if not drift.errors:
+            return
+        worst = drift.worst()
+        self.report.results.setdefault(comp.key, {})["weights"] = {
+            "max_rel_rms": {k: float(f"{v:.4g}") for k, v in worst.items()},
+            "coverage": round(drift.coverage, 4),
+        }
+        self.report.failures += [f"{comp.key}: {f}" for f in drift.failures()[:5]]
 
     def below_floor(self, comp: oc.Component, failures: list[str]) -> dict[str, Any]:
         """Take a component's gate failures back out of the report (the stage replaces the component by
