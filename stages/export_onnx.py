@@ -15,7 +15,9 @@ Recipe step::
         parity: {batch_sizes: [1, 2], image_sizes: [64, 128]}
 
 Every component of the family is exported: text encoder(s), UNet (with the ControlNet residual inputs
-when the pipeline has ControlNets: zeros mean "no ControlNet", so one graph serves every task), each
+when the pipeline has ControlNets; they are *optional*, with zero defaults that mean "no ControlNet"
+(``common.onnx.defaults``), so one graph serves the ControlNet tasks and every standard ONNX pipeline
+that feeds only ``sample``, ``timestep`` and ``encoder_hidden_states``), each
 ControlNet (``conditioning_scale`` is a graph input), VAE encoder and decoder, TAESD encoder and
 decoder when present. Graph I/O names and dynamic axis names are the contract's.
 
@@ -158,6 +160,7 @@ def run(ctx: StageContext) -> None:
 
     from sdkiln.runtime.contract.layout import EXTERNAL_DATA_FILE, MODEL_FILE
     from sdkiln.stages.common.onnx import components as oc
+    from sdkiln.stages.common.onnx import defaults as od
     from sdkiln.stages.common.onnx import io as ou
     from sdkiln.stages.common.onnx.parity import ParityReport, gate_for
     from sdkiln.stages.common.torch.pipeline import open_pipeline, read_configs
@@ -182,6 +185,7 @@ def run(ctx: StageContext) -> None:
     nodes: dict[str, int] = {}
     export_s: dict[str, float] = {}
     external: list[str] = []
+    optional_checks: dict[str, Any] = {}
     pipeline_cases: dict[str, list[Any]] = {}
     if p.pipeline_parity.enabled:
         from sdkiln.stages.common.onnx.pipeline_calls import pipeline_cases as run_pipelines
@@ -217,11 +221,16 @@ def run(ctx: StageContext) -> None:
         prec = oc.component_precision(comp.kind, p.precision, p.vae_precision)
         if prec == "fp16":
             model = ou.to_fp16(model)
+        # After the fp16 pass: the defaults keep the graph inputs' own (fp32) type.
+        optional = od.residual_inputs(model) if comp.kind == "unet" else []
+        if optional:
+            od.add_zero_defaults(model, optional)
+            expected = od.optional_spec(expected, optional)
         out_path = ctx.out_dir / comp.path
         files = ou.save_model(model, out_path, p.external_data, restore=False)
         external += [f.relative_to(ctx.out_dir).as_posix() for f in files if f.name == EXTERNAL_DATA_FILE]
         oc.copy_config(src.path, comp, ctx.out_dir)
-        spec = ou.io_spec(model)
+        spec = od.manifest_spec(ou.io_spec(model), expected)
         problems = ou.spec_mismatches(spec, expected, comp.key)
         if problems:
             raise BuildError("exported graph does not match the contract:\n  " + "\n  ".join(problems))
@@ -242,8 +251,11 @@ def run(ctx: StageContext) -> None:
             static_axes,
         )
         cases += pipeline_cases.pop(comp.key, [])
-        report.check(comp.key, ou.cpu_session(out_path), cases, gate_for(comp.key, prec))
-        del module, cases
+        session = ou.cpu_session(out_path)
+        report.check(comp.key, session, cases, gate_for(comp.key, prec))
+        if optional:
+            optional_checks[comp.key] = od.check_unfed(session, cases[0].feeds, comp.key)
+        del module, cases, session
 
     oc.write_layout(src.path, ctx.out_dir, comps)
     ctx.metrics.update(
@@ -253,6 +265,7 @@ def run(ctx: StageContext) -> None:
             "total_bytes": sum(sizes.values()),
             "nodes": nodes,
             "export_s": export_s,
+            **({"optional_inputs": optional_checks} if optional_checks else {}),
         }
     )
     ctx.model = src.model.model_copy(
@@ -285,7 +298,9 @@ def _rmtree(path: Any) -> None:
 
 STAGE = Stage(
     name="export_onnx",
-    version="2",
+    # 2: diffusers' pipeline calls replayed as a reference (issue 12); 3: the UNet's ControlNet residual
+    # inputs are optional (zero defaults)
+    version="3",
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.ONNX,
     params=ExportOnnxParams,

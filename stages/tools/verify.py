@@ -254,14 +254,16 @@ def _sections(manifest: BundleManifest, wanted: list[str] | None) -> list[str]:
 
 class _Feeder:
     """An ORT session that takes fp32 feeds for any graph: inputs the graph does not have are dropped
-    (TensorRT-ready UNets lose the optional residuals), fp16 inputs are cast."""
+    (TensorRT-ready UNets lose the optional residuals), fp16 inputs are cast. Optional inputs (an ONNX
+    UNet's zero-default residuals: ORT lists them as overridable initializers, not inputs) are fed."""
 
     def __init__(self, sess: Any):
         import numpy as np
 
         self.sess = sess
         self.types = {
-            i.name: (np.float16 if i.type == "tensor(float16)" else None) for i in sess.get_inputs()
+            i.name: (np.float16 if i.type == "tensor(float16)" else None)
+            for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]
         }
 
     def get_outputs(self) -> Any:

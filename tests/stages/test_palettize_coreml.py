@@ -56,6 +56,16 @@ def test_sizes_bits_and_parity_are_recorded(palettized_unet, coreml_original):
     assert m[f"{k}.psnr_floor_db"] == COREML_TINY_MIN_PSNR_DB["palettized"]
     assert m[f"{k}.psnr_floor_db"] <= m[f"{k}.psnr_db"] < 70  # lossy, and measured through both chunks
     assert m[f"{k}.chunk_balance"] > 0.8
+    # Both batch sizes the flexible package takes are measured, and both chunks keep taking them.
+    assert m[f"{k}.psnr_db"] == min(m[f"{k}.psnr_db_batch2"], m[f"{k}.psnr_db_batch1"])
+    entry = palettized_unet.ctx.components[k]
+    assert entry["batch_sizes"] == [2, 1]
+    import coremltools as ct
+
+    from sdkiln.stages.common.coreml.flexible import accepted_batches
+
+    first = accepted_batches(ct.utils.load_spec(str(palettized_unet.out / CHUNKS[0])))
+    assert first["sample"] == first["encoder_hidden_states"] == [1, 2]
 
 
 def test_chunks_compose_to_the_unet(palettized_unet, coreml_original):

@@ -393,9 +393,10 @@ def accounting_problems(module: nn.Module, records: dict[str, WeightRecord], rep
 class PackageParity:
     """A package measured against the PyTorch reference by reading its weights back."""
 
-    psnr_db: list[float]  # per output
+    psnr_db: list[float]  # per output (of every case, in order)
     summary: WeightSummary
     load: dict[str, Any]  # LoadReport.metrics
+    case_db: list[float] = field(default_factory=list)  # the worst output of each case
 
     @property
     def worst_db(self) -> float:
@@ -405,10 +406,12 @@ class PackageParity:
 def measure_packages(
     packages: list[Path], folder: Path, key: str, model_class: str | None, attention: str, added_cond: bool,
     example: list[torch.Tensor], reference: list[np.ndarray],
+    more: list[tuple[list[torch.Tensor], list[np.ndarray]]] = (),  # type: ignore[assignment]
 ) -> PackageParity:  # fmt: skip
     """Load the weights of ``packages`` (one package, or the chunks of one) into a fresh torch module of
     component ``key`` (from the PIPELINE ``folder``, in attention mode ``attention``), run it on
-    ``example`` and measure each output's PSNR against ``reference``.
+    ``example`` and measure each output's PSNR against ``reference``; likewise for each further
+    ``(example, reference)`` case in ``more`` (another batch size of a flexible package).
 
     Raises BuildError when a palettized weight maps to no parameter: the module would then run with
     the reference's own weights and the measurement would prove nothing.
@@ -429,7 +432,10 @@ def measure_packages(
             f"{key}: only {report.matched_palettized} of {summary.lut_ops} palettized weights map to "
             "parameters; the parity check would not measure the package"
         )
-    outputs = run_module(module, example)
-    return PackageParity(
-        [psnr(r, o) for r, o in zip(reference, outputs, strict=True)], summary, report.metrics(module)
-    )
+    all_db: list[float] = []
+    case_db: list[float] = []
+    for ex, ref in [(example, reference), *more]:
+        dbs = [psnr(r, o) for r, o in zip(ref, run_module(module, ex), strict=True)]
+        all_db += dbs
+        case_db.append(min(dbs))
+    return PackageParity(all_db, summary, report.metrics(module), case_db)
