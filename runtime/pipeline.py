@@ -359,6 +359,8 @@ class Pipeline:
         # diffusers' controlnet_keep: off before `start` and after `end`, as fractions of the schedule.
         keep = control is not None and not (i / n < control.start or (i + 1) / n > control.end)
         if controlnet is None or not keep or control is None:
+            if all(unet.io.inputs[k].optional for k in names):
+                return {}  # the graph's own defaults are "no ControlNet" (an ONNX UNet's zero defaults)
             b, _, lh, lw = feeds["sample"].shape
             bindings = {"batch": b, "latent_height": lh, "latent_width": lw}
             return {k: np.zeros(unet.io.resolve(k, bindings), np.float32) for k in names}

@@ -128,6 +128,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from sdkiln.runtime.contract.manifest import read_any_manifest, verify_files
 
+    if args.parity:
+        return _verify_parity(args)
     path = Path(args.path)
     if not path.is_dir():
         raise UserError(f"{path}: no such bundle or cache entry")
@@ -139,6 +141,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(f"  {line}", file=sys.stderr)
     return 1
+
+
+def _verify_parity(args: argparse.Namespace) -> int:
+    from sdkiln.runtime.contract.digest import write_json_atomic
+    from sdkiln.stages.tools.verify import resolve_bundle, verify_parity
+
+    bundle = resolve_bundle(args.path, endpoint=args.endpoint)
+    verdict = verify_parity(
+        bundle,
+        sections=args.section,
+        image_size=args.size,
+        steps=args.steps,
+        e2e=not args.no_e2e,
+        tasks=tuple(args.task or ("sketch", "text", "edit")),
+    )
+    print(f"parity of {bundle} against its reference {verdict.reference}")
+    print(verdict.table())
+    if args.json:
+        write_json_atomic(Path(args.json), verdict.to_json())
+    if verdict.failures:
+        print(f"parity FAILED: {', '.join(verdict.failed_components)}", file=sys.stderr)
+        for line in verdict.failures:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    unchecked = sum(r.note != "" for r in verdict.rows)
+    print(
+        f"parity ok: {len(verdict.rows) - unchecked} checks passed"
+        + (f", {unchecked} not checked here" if unchecked else "")
+    )
+    return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -234,8 +266,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_build)
 
-    s = sub.add_parser("verify", help="re-hash a bundle or cache entry against its manifest")
-    s.add_argument("path")
+    s = sub.add_parser(
+        "verify",
+        help="re-hash a bundle or cache entry against its manifest; --parity re-measures every graph",
+    )
+    s.add_argument(
+        "path", help="a bundle or cache entry folder; with --parity also a Hub repo owner/name[@rev]"
+    )
+    s.add_argument(
+        "--parity",
+        action="store_true",
+        help="also run every graph against the bundle's PyTorch reference (component gates at batch 1 "
+        "and 2, then each task end to end); exit 1 naming what fails",
+    )
+    s.add_argument("--section", action="append", help="with --parity: only this section (repeatable)")
+    s.add_argument(
+        "--task", action="append", choices=("sketch", "text", "edit"), help="with --parity: e2e tasks"
+    )
+    s.add_argument("--size", type=int, help="with --parity: image side in px (default: the model's)")
+    s.add_argument(
+        "--steps", type=int, help="with --parity: denoising steps end to end (default: the family's)"
+    )
+    s.add_argument("--no-e2e", action="store_true", help="with --parity: component gates only")
+    s.add_argument("--json", metavar="PATH", help="with --parity: write the measurements as JSON")
+    s.add_argument("--endpoint", help="Hub URL for a repo id (default: $HF_ENDPOINT, else huggingface.co)")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("ls", help="list cached artifacts with sizes")

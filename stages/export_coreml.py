@@ -12,7 +12,9 @@ Recipe step::
         vae_compute_precision: fp32   # SD 1.x/2.x VAEs; auto: fp32 only where fp16 would overflow
         height: 512                   # image pixels; the latent is height / 8
         width: 512
-        # batch: 2                    # default: 1 without classifier-free guidance (LCM, SD-Turbo), else 2
+        # flexible_batch: true         # UNet/ControlNet take batch 1 and 2, declared as 2 (Swift reads 2)
+        # batch: 2                    # with flexible_batch: false, the one batch; default: 1 without
+        #                             # classifier-free guidance (LCM, SD-Turbo), else 2
 
 Per component (text encoder(s), UNet and/or the ControlledUnet that takes the ControlNet residuals,
 each ControlNet, VAE decoder, VAE encoder) it traces a wrapper with Apple's I/O names
@@ -23,10 +25,13 @@ package the only ways Linux allows (Core ML cannot run a model here):
 - spec: it reloads with ``skip_model_load=True``; inputs, outputs, shapes and dtypes are the planned
   ones; the attention ops are those of the chosen implementation;
 - weights: every weight is read back out of the package into a fresh torch module of the same
-  architecture, which is run against the fp32 PyTorch reference (diffusers' own attention); the output
-  PSNR must clear the family's Core ML floor (35 dB, Apple's gate). This measures the weight storage
-  (fp16) and, for ``split_einsum``, the rewrite; fp16 *compute* is only measured on macOS
-  (tests marked ``macos``).
+  architecture, which is run against the fp32 PyTorch reference (diffusers' own attention) at every
+  batch size the package takes; the output PSNR must clear the family's Core ML floor (35 dB, Apple's
+  gate). This measures the weight storage (fp16) and, for ``split_einsum``, the rewrite; fp16 *compute*
+  is only measured on macOS (tests marked ``macos``);
+- batch: a flexible-batch UNet/ControlNet (``common.coreml.flexible``: batch 1 and 2, declared as 2, the
+  shape Apple's Swift pipeline reads) must keep a symbolic batch through conversion and declare both
+  sizes in its spec.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sdkiln.runtime.contract.errors import ParityError, UserError
 from sdkiln.runtime.contract.layout import Kind
@@ -73,7 +78,14 @@ class ExportCoremlParams(StageParams):
         None, ge=64, le=2048, multiple_of=8, description="image pixels; default: family's"
     )
     batch: Literal[1, 2] | None = Field(
-        None, description="UNet/ControlNet batch; default 1 without classifier-free guidance, else 2"
+        None,
+        description="UNet/ControlNet declared batch; flexible_batch: 2; else default 1 without "
+        "classifier-free guidance, 2 with it",
+    )
+    flexible_batch: bool = Field(
+        True,
+        description="UNet/ControlNet take batch 1 and 2, declared as batch 2 (what Apple's Swift pipeline "
+        "reads); enumerated shapes on iOS18/macOS15 targets, a range below",
     )
     components: tuple[ComponentName, ...] = Field(
         ("text_encoder", "unet", "controlnet", "vae_decoder", "vae_encoder"), min_length=1
@@ -86,6 +98,15 @@ class ExportCoremlParams(StageParams):
     )
     min_psnr_db: float | None = Field(None, ge=0, le=200, description="parity floor; default: the family's")
     seed: int = Field(0, ge=0, description="seed of the parity inputs")
+
+    @model_validator(mode="after")
+    def _batch(self) -> ExportCoremlParams:
+        if self.flexible_batch and self.batch == 1:
+            raise ValueError(
+                "batch: a flexible-batch package is declared as batch 2 (the shape Apple's Swift pipeline "
+                "reads); set flexible_batch: false for a fixed batch-1 package"
+            )
+        return self
 
 
 def _targets() -> dict[str, Any]:
@@ -138,8 +159,11 @@ def write_tokenizer_files(tokenizer_dir: Path, out_dir: Path) -> None:
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(pairs) + "\n", encoding="utf-8")
 
 
-def check_spec(spec: Any, plan: Any, output_shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Differences between a package's interface and the planned one (empty: they agree)."""
+def check_spec(
+    spec: Any, plan: Any, output_shapes: dict[str, tuple[int, ...]], flexible: bool = False
+) -> list[str]:
+    """Differences between a package's interface and the planned one (empty: they agree). A package
+    with a flexible batch declares its inputs at the default batch and its outputs without a shape."""
     problems = []
     got_in = {t.name: t for t in spec.inputs}
     for t in plan.inputs:
@@ -156,19 +180,40 @@ def check_spec(spec: Any, plan: Any, output_shapes: dict[str, tuple[int, ...]]) 
         problems.append(f"outputs {list(got_out)}, planned {list(plan.output_names)}")
     for name, shape in output_shapes.items():
         g = got_out.get(name)
-        if g is not None and (g.shape, g.dtype) != (tuple(shape), "float32"):
+        want = () if flexible else tuple(shape)
+        if g is not None and (g.shape, g.dtype) != (want, "float32"):
             problems.append(f"output {name}: {g.shape} {g.dtype}, expected {tuple(shape)} float32")
     return problems
 
 
-def check_attention_ops(spec: Any, attention: str, heads: int) -> list[str]:
+def check_batches(package: Path, plan: Any, batch: Any) -> list[str]:
+    """Every batch-carrying input of a package must accept exactly the batch sizes planned."""
+    import coremltools as ct
+
+    from sdkiln.stages.common.coreml import flexible
+
+    accepted = flexible.accepted_batches(ct.utils.load_spec(str(package)))
+    want = sorted(batch.sizes)
+    return [
+        f"input {name} takes batch {accepted.get(name)}, planned {want}"
+        for name in sorted(flexible.batched_inputs(plan.inputs, batch.default))
+        if accepted.get(name) != want
+    ]
+
+
+def check_attention_ops(spec: Any, attention: str, heads: int, flexible: bool = False) -> list[str]:
     """The attention implementation must show in the ops: ``split_einsum`` computes each head with two
-    einsums (so ``2 * heads`` of them); ``original`` has none."""
-    einsums = spec.ops.get("einsum", 0)
+    einsums (so ``2 * heads`` of them; with a flexible batch two batched matmuls instead, see
+    ``SplitHeadAttention``); ``original`` has no einsum."""
+    op = "matmul" if flexible and attention == "split_einsum" else "einsum"
+    count = spec.ops.get(op, 0)
     expected = 2 * heads if attention == "split_einsum" else 0
-    if einsums != expected:
-        return [f"{einsums} einsum ops, expected {expected} for {attention} attention over {heads} heads"]
-    return []
+    problems = []
+    if count != expected:
+        problems.append(f"{count} {op} ops, expected {expected} for {attention} attention over {heads} heads")
+    if op == "matmul" and spec.ops.get("einsum", 0):
+        problems.append(f"{spec.ops['einsum']} einsum ops in a flexible-batch package")
+    return problems
 
 
 def count_heads(module: Any) -> int:
@@ -185,30 +230,31 @@ def convert_component(
     out_path: Path,
     params: Any,
     metadata: dict[str, str],
+    batch: Any = None,
     precision: str | None = None,
-) -> None:
-    """Trace ``module`` on ``example`` and convert it to an ML Program saved at ``out_path``, computing
-    in ``precision`` (default: ``params.compute_precision``)."""
+) -> list[str]:
+    """Trace ``module`` on ``example`` and convert it to an ML Program saved at ``out_path``, with the
+    batch of ``batch`` (a ``flexible.BatchPlan``; default: the plan's fixed shapes), computing in
+    ``precision`` (default: ``params.compute_precision``). Returns problems found in the converted
+    program (a flexible batch that did not survive conversion)."""
     precision = precision or params.compute_precision
     import coremltools as ct
     import numpy as np
     import torch
 
+    from sdkiln.stages.common.coreml import flexible
     from sdkiln.stages.common.coreml import io as cio
 
+    batch = batch or flexible.BatchPlan((plan.inputs[0].shape[0],), "fixed")
+    if batch.flexible:
+        # Both exact rewrites a symbolic batch needs (see common/coreml/flexible.py).
+        flexible.tie_batches(module)
+        flexible.batch_group_norms(module)
     with torch.no_grad(), warnings.catch_warnings():
         # diffusers' shape asserts become trace-time constants: expected with fixed Core ML shapes.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(module, tuple(example), check_trace=False)
-    inputs = [
-        ct.TensorType(
-            name=t.name,
-            shape=t.shape,
-            dtype=np.float32,
-            default_value=None if t.default is None else np.full(t.shape, t.default, dtype=np.float32),
-        )
-        for t in plan.inputs
-    ]
+    inputs = flexible.input_types(plan.inputs, batch, flexible.batched_inputs(plan.inputs, batch.default))
     mlmodel = ct.convert(
         traced,
         convert_to="mlprogram",
@@ -222,8 +268,10 @@ def convert_component(
     mlmodel.short_description = plan.description
     mlmodel.author = "sdkiln"
     mlmodel.user_defined_metadata.update(metadata)
+    problems = flexible.program_problems(mlmodel, batch)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     cio.save_package(mlmodel, out_path)
+    return problems
 
 
 # fp16's largest finite value, and the headroom ``vae_compute_precision: auto`` wants below it.
@@ -279,6 +327,7 @@ def run(ctx: StageContext) -> None:
     import gc
 
     from sdkiln.runtime.contract.families import get_family
+    from sdkiln.stages.common.coreml import flexible
     from sdkiln.stages.common.coreml import io as cio
     from sdkiln.stages.common.coreml import readback as crb
     from sdkiln.stages.common.torch.pipeline import read_configs
@@ -295,7 +344,8 @@ def run(ctx: StageContext) -> None:
         controlnets = [c for c in controlnets if c in p.controlnets]
     configs = read_configs(src.path)
     added_cond = fam.uses_added_cond
-    batch = p.batch or default_batch(fam, facts.lcm)
+    batch = p.batch or (2 if p.flexible_batch else default_batch(fam, facts.lcm))
+    unet_batch = flexible.batch_plan(p.flexible_batch, batch, p.minimum_deployment_target)
     height = p.height or fam.default_size
     width = p.width or fam.default_size
     scale = fam.vae_scale_factor
@@ -309,8 +359,9 @@ def run(ctx: StageContext) -> None:
     if not keys:
         raise UserError(f"nothing to export: components {list(p.components)} with ControlNets {controlnets}")
     logger.info(
-        "export_coreml: %s attention, %s, %s, %dx%d, batch %d: %s",
-        p.attention, p.minimum_deployment_target, p.compute_precision, height, width, batch, ", ".join(keys),
+        "export_coreml: %s attention, %s, %s, %dx%d, batch %s (%s): %s",
+        p.attention, p.minimum_deployment_target, p.compute_precision, height, width,
+        "/".join(map(str, unet_batch.sizes)), unet_batch.mode, ", ".join(keys),
     )  # fmt: skip
 
     failures: list[str] = []
@@ -320,15 +371,23 @@ def run(ctx: StageContext) -> None:
         cfg_key = cio.config_key(key)
         config = configs[cfg_key] if cfg_key in configs else _controlnet_config(src.path, key)
         model_class = fam.components[key].model_class if key.startswith("text_encoder") else None
-        plan = cio.plan_component(key, config, batch, latent_hw, scale, added_cond)
+        batched = key in cio.UNET_KEYS or key.startswith("controlnet.")
+        bplan = unet_batch if batched else flexible.BatchPlan((1,), "fixed")
         vocab = int(configs.get("text_encoder", {}).get("vocab_size", 49408))
-        example = cio.example_inputs(plan.inputs, p.seed, vocab)
         rel = cio.package_relpath(key)
         package = ctx.out_dir / rel
 
         model = cio.load_model(src.path, key, model_class)
-        # The reference: diffusers' own attention, fp32. Computed before split_einsum rewrites the model.
-        reference = cio.run_module(cio.build_module(key, model, "original", added_cond), example)
+        # The reference: diffusers' own attention, fp32, at every batch size the package takes. Computed
+        # before split_einsum rewrites the model.
+        ref_module = cio.build_module(key, model, "original", added_cond)
+        cases = []
+        for b in bplan.sizes:
+            plan_b = cio.plan_component(key, config, b, latent_hw, scale, added_cond)
+            example_b = cio.example_inputs(plan_b.inputs, p.seed, vocab)
+            cases.append((plan_b, example_b, cio.run_module(ref_module, example_b)))
+        del ref_module
+        plan, example, reference = cases[0]
         module = cio.build_module(key, model, p.attention, added_cond)
         heads = count_heads(module)
         precision = p.compute_precision
@@ -337,9 +396,10 @@ def run(ctx: StageContext) -> None:
             ctx.metrics[f"{key}.peak_activation"] = round(peak, 2)
             ctx.metrics[f"{key}.compute_precision"] = precision
         t0 = time.perf_counter()
-        convert_component(
+        problems = convert_component(
             module, plan, example, package, p,
             {"sdkiln.component": key, "sdkiln.attention": p.attention, "sdkiln.family": fam.name},
+            bplan,
             precision,
         )  # fmt: skip
         convert_s = time.perf_counter() - t0
@@ -348,14 +408,16 @@ def run(ctx: StageContext) -> None:
 
         spec = crb.read_spec(package)
         shapes = {n: tuple(r.shape) for n, r in zip(plan.output_names, reference, strict=True)}
-        problems = check_spec(spec, plan, shapes)
-        if key in cio.UNET_KEYS or key.startswith("controlnet."):
-            problems += check_attention_ops(spec, p.attention, heads)
+        problems += check_spec(spec, plan, shapes, bplan.flexible)
+        if batched:
+            problems += check_attention_ops(spec, p.attention, heads, bplan.flexible)
+            problems += check_batches(package, plan, bplan)
         failures += [f"{key}: {x}" for x in problems]
 
         parity = crb.measure_packages(
-            [package], src.path, key, model_class, p.attention, added_cond, example, reference
-        )
+            [package], src.path, key, model_class, p.attention, added_cond, example, reference,
+            [(ex, ref) for _, ex, ref in cases[1:]],
+        )  # fmt: skip
         floor = cio.psnr_floor(key, facts, p.min_psnr_db, palettized=False)
         worst = parity.worst_db
         if worst < floor:
@@ -371,6 +433,7 @@ def run(ctx: StageContext) -> None:
             "inputs": ins,
             "outputs": outs,
             "ops": dict(sorted(spec.ops.items())),
+            **({"batch_sizes": list(bplan.sizes)} if batched else {}),
         }
         ctx.metrics.update(
             cio.flat_metrics(
@@ -380,6 +443,14 @@ def run(ctx: StageContext) -> None:
                     "bytes": size,
                     "psnr_db": round(worst, 2),
                     "psnr_floor_db": floor,
+                    **(
+                        {
+                            f"psnr_db_batch{b}": round(db, 2)
+                            for b, db in zip(bplan.sizes, parity.case_db, strict=True)
+                        }
+                        if bplan.flexible
+                        else {}
+                    ),
                     **parity.summary.metrics(),
                     **parity.load,
                 },
@@ -411,6 +482,8 @@ def run(ctx: StageContext) -> None:
                 k: ctx.metrics[f"{k}.peak_activation"] for k in keys if k.startswith("vae_")
             },
             "batch": batch,
+            "batch_sizes": list(unet_batch.sizes),
+            "batch_flexibility": unet_batch.mode,
             "vae_scaling_factor": float(configs["vae"].get("scaling_factor", fam.vae_scaling_factor)),
             "tokenizer": {"vocab": "vocab.json", "merges": "merges.txt"},
         }
@@ -430,7 +503,9 @@ def _controlnet_config(folder: Path, key: str) -> dict[str, Any]:
 
 STAGE = Stage(
     name="export_coreml",
-    version="3",  # 2: packages saved reproducibly (common.coreml.io); 3: VAE compute precision
+    # 2: packages saved reproducibly (common.coreml.io.normalize_package); 3: UNet/ControlNet take batch 1
+    # and 2 (flexible_batch); 4: VAE compute precision (vae_compute_precision)
+    version="4",
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.COREML,
     params=ExportCoremlParams,

@@ -15,7 +15,9 @@ Recipe step::
         parity: {batch_sizes: [1, 2], image_sizes: [64, 128]}
 
 Every component of the family is exported: text encoder(s), UNet (with the ControlNet residual inputs
-when the pipeline has ControlNets: zeros mean "no ControlNet", so one graph serves every task), each
+when the pipeline has ControlNets; they are *optional*, with zero defaults that mean "no ControlNet"
+(``common.onnx.defaults``), so one graph serves the ControlNet tasks and every standard ONNX pipeline
+that feeds only ``sample``, ``timestep`` and ``encoder_hidden_states``), each
 ControlNet (``conditioning_scale`` is a graph input), VAE encoder and decoder, TAESD encoder and
 decoder when present. Graph I/O names and dynamic axis names are the contract's.
 
@@ -38,6 +40,7 @@ from pydantic import Field, model_validator
 from sdkiln.runtime.contract.errors import BuildError
 from sdkiln.runtime.contract.layout import Kind
 from sdkiln.stages.common.onnx.parity import ParityParams
+from sdkiln.stages.common.onnx.pipeline_calls import PipelineParityParams
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,9 @@ class ExportOnnxParams(StageParams):
     )
     external_data: Literal["auto", "always", "never"] = "auto"
     parity: ParityParams = ParityParams()
+    # An independent reference: the calls diffusers' own pipelines make, at the model's resolution
+    # (capped at 512 px on this CPU budget), batch 1 and 2 (common/onnx/pipeline_calls.py).
+    pipeline_parity: PipelineParityParams = PipelineParityParams()
 
     @model_validator(mode="after")
     def _check(self) -> ExportOnnxParams:
@@ -141,11 +147,20 @@ def export_graph(
             program.save(str(path), external_data=True)
 
 
+def _reference_size(unet_cfg: dict[str, Any], fam: Any, cap: int = 512) -> int:
+    """The model's own image size in pixels, capped (an SDXL UNet at 1024 px and batch 4 under CFG does not
+    fit beside the export in this machine's memory)."""
+    sample = unet_cfg.get("sample_size") or 64
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return min(int(sample) * fam.vae_scale_factor, cap)
+
+
 def run(ctx: StageContext) -> None:
     import torch
 
     from sdkiln.runtime.contract.layout import EXTERNAL_DATA_FILE, MODEL_FILE
     from sdkiln.stages.common.onnx import components as oc
+    from sdkiln.stages.common.onnx import defaults as od
     from sdkiln.stages.common.onnx import io as ou
     from sdkiln.stages.common.onnx.parity import ParityReport, gate_for
     from sdkiln.stages.common.torch.pipeline import open_pipeline, read_configs
@@ -170,6 +185,23 @@ def run(ctx: StageContext) -> None:
     nodes: dict[str, int] = {}
     export_s: dict[str, float] = {}
     external: list[str] = []
+    optional_checks: dict[str, Any] = {}
+    pipeline_cases: dict[str, list[Any]] = {}
+    if p.pipeline_parity.enabled:
+        from sdkiln.stages.common.onnx.pipeline_calls import pipeline_cases as run_pipelines
+
+        pp = p.pipeline_parity
+        size = p.static.height if p.static else (pp.size or _reference_size(unet_cfg, fam))
+        with ctx.timed("pipeline_reference_s"):
+            pipeline_cases = run_pipelines(
+                loaded, comps, size=size, batch_sizes=pp.batch_sizes, steps=pp.steps, seed=pp.seed,
+                static=static_axes,
+            )  # fmt: skip
+        ctx.details["pipeline_parity"] = {
+            "size": size,
+            "batch_sizes": pp.batch_sizes,
+            "calls": {k: len(v) for k, v in pipeline_cases.items()},
+        }
     example_size = p.static.height if p.static else max(p.parity.image_sizes)
     example_axes = static_axes or oc.bindings(2, example_size, example_size, fam.vae_scale_factor)
 
@@ -193,11 +225,16 @@ def run(ctx: StageContext) -> None:
         prec = oc.component_precision(comp.kind, p.precision, p.vae_precision)
         if prec == "fp16":
             model = ou.to_fp16(model)
+        # After the fp16 pass: the defaults keep the graph inputs' own (fp32) type.
+        optional = od.residual_inputs(model) if comp.kind == "unet" else []
+        if optional:
+            od.add_zero_defaults(model, optional)
+            expected = od.optional_spec(expected, optional)
         out_path = ctx.out_dir / comp.path
         files = ou.save_model(model, out_path, p.external_data, restore=False)
         external += [f.relative_to(ctx.out_dir).as_posix() for f in files if f.name == EXTERNAL_DATA_FILE]
         oc.copy_config(src.path, comp, ctx.out_dir)
-        spec = ou.io_spec(model)
+        spec = od.manifest_spec(ou.io_spec(model), expected)
         problems = ou.spec_mismatches(spec, expected, comp.key)
         if problems:
             raise BuildError("exported graph does not match the contract:\n  " + "\n  ".join(problems))
@@ -217,8 +254,12 @@ def run(ctx: StageContext) -> None:
             fam.vae_scale_factor,
             static_axes,
         )
-        report.check(comp.key, ou.cpu_session(out_path), cases, gate_for(comp.key, prec))
-        del module, cases
+        cases += pipeline_cases.pop(comp.key, [])
+        session = ou.cpu_session(out_path)
+        report.check(comp.key, session, cases, gate_for(comp.key, prec))
+        if optional:
+            optional_checks[comp.key] = od.check_unfed(session, cases[0].feeds, comp.key)
+        del module, cases, session
 
     oc.write_layout(src.path, ctx.out_dir, comps)
     ctx.metrics.update(
@@ -228,6 +269,7 @@ def run(ctx: StageContext) -> None:
             "total_bytes": sum(sizes.values()),
             "nodes": nodes,
             "export_s": export_s,
+            **({"optional_inputs": optional_checks} if optional_checks else {}),
         }
     )
     ctx.model = src.model.model_copy(
@@ -260,7 +302,9 @@ def _rmtree(path: Any) -> None:
 
 STAGE = Stage(
     name="export_onnx",
-    version="2",  # 2: contract inputs a component ignores stay as unused graph inputs
+    # 2: diffusers' pipeline calls replayed as a reference (issue 12); 3: the UNet's ControlNet residual
+    # inputs are optional (zero defaults); 4: contract inputs a component ignores stay as unused inputs
+    version="4",
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.ONNX,
     params=ExportOnnxParams,

@@ -152,7 +152,8 @@ def run(ctx: StageContext) -> None:
 
     def convert_one(comp: Any, how: str) -> None:
         t0 = time.perf_counter()
-        model = quantize(oi.convert(t.in_path(comp)), how, calib.get(comp.key), fix)  # type: ignore[arg-type]
+        onnx_model = oi.convert(t.in_path(comp), t.entry(comp)["inputs"], ctx.work_dir / "onnx" / comp.key)
+        model = quantize(onnx_model, how, calib.get(comp.key), fix)  # type: ignore[arg-type]
         rel = openvino_path(comp.key)
         files = oi.save(model, ctx.out_dir / rel)
         del model

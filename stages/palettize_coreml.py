@@ -386,6 +386,7 @@ def run(ctx: StageContext) -> None:
     import gc
 
     from sdkiln.runtime.contract.families import get_family
+    from sdkiln.stages.common.coreml import flexible
     from sdkiln.stages.common.coreml import io as cio
     from sdkiln.stages.common.coreml import readback as crb
     from sdkiln.stages.common.coreml.io import GROUPED_PALETTE_TARGETS, psnr_floor
@@ -429,7 +430,14 @@ def run(ctx: StageContext) -> None:
         inputs = tuple(cio.TensorInfo.from_manifest(t) for t in comp["inputs"])
         example = cio.example_inputs(inputs, p.seed, vocab)
         model = cio.load_model(pipeline.path, key, model_class)
-        reference = cio.run_module(cio.build_module(key, model, "original", added_cond), example)
+        ref_module = cio.build_module(key, model, "original", added_cond)
+        reference = cio.run_module(ref_module, example)
+        # A flexible-batch package is measured at each batch size it takes (the declared one first).
+        more = []
+        for b in (comp.get("batch_sizes") or [])[1:]:
+            example_b = cio.example_inputs(flexible.at_batch(inputs, b), p.seed, vocab)
+            more.append((example_b, cio.run_module(ref_module, example_b)))
+        del ref_module
         module = cio.build_module(key, model, attention, added_cond)
 
         eligible, others = eligible_weights(module, package_in, p)
@@ -449,6 +457,7 @@ def run(ctx: StageContext) -> None:
         palettize_s = time.perf_counter() - t0
         spec_full = crb.read_spec(package_out)
         problems = _check_interface(spec_full, comp)
+        problems += _check_batches(package_in, package_out)
 
         packages = [package_out]
         entry = dict(comp)
@@ -458,10 +467,16 @@ def run(ctx: StageContext) -> None:
             chunk_rel = cio.chunk_relpaths(key)
             packages = [ctx.out_dir / r for r in chunk_rel]
             chunk_unet(package_out, packages, ctx.work_dir)
+            if comp.get("batch_sizes"):
+                # bisect_model declares flexible inputs at their lower bound; Swift reads the UNet's batch
+                # from chunk 1, and Core ML runs a range's declared shape on the Neural Engine.
+                for pkg in packages:
+                    flexible.set_declared_batch(pkg, comp["batch_sizes"][0])
             # Swift loads the chunks when both exist: the whole UNet would be dead weight.
             shutil.rmtree(package_out)
             specs = [crb.read_spec(pkg) for pkg in packages]
             problems += check_chunks(spec_full, *specs)
+            problems += _check_batches(package_in, packages[0])
             sizes = [cio.package_bytes(pkg) for pkg in packages]
             chunk_metrics = {
                 "chunk_s": round(time.perf_counter() - t1, 2),
@@ -477,7 +492,7 @@ def run(ctx: StageContext) -> None:
         failures += [f"{key}: {x}" for x in problems]
 
         parity = crb.measure_packages(
-            packages, pipeline.path, key, model_class, attention, added_cond, example, reference
+            packages, pipeline.path, key, model_class, attention, added_cond, example, reference, more
         )
         if parity.summary.lut_ops != n_eligible:
             failures.append(
@@ -507,6 +522,14 @@ def run(ctx: StageContext) -> None:
             "eligible_weights": n_eligible,
             "psnr_db": round(worst, 2),
             "psnr_floor_db": floor,
+            **(
+                {
+                    f"psnr_db_batch{b}": round(db, 2)
+                    for b, db in zip(comp["batch_sizes"], parity.case_db, strict=True)
+                }
+                if more
+                else {}
+            ),
             **parity.summary.metrics(),
             **parity.load,
             **chunk_metrics,
@@ -534,6 +557,22 @@ def run(ctx: StageContext) -> None:
         raise ParityError(f"palettize_coreml ({p.nbits}-bit)", failures)
 
 
+def _check_batches(before: Path, after: Path) -> list[str]:
+    """The batch sizes every model input of ``before`` takes must survive in ``after`` (palettization and
+    chunking keep a flexible batch; chunk 1 takes the model's inputs)."""
+    import coremltools as ct
+
+    from sdkiln.stages.common.coreml.flexible import accepted_batches
+
+    want = accepted_batches(ct.utils.load_spec(str(before)))
+    got = accepted_batches(ct.utils.load_spec(str(after)))
+    return [
+        f"input {n} takes batch {got[n]} after palettization, {want[n]} before"
+        for n in sorted(set(want) & set(got))
+        if got[n] != want[n]
+    ]
+
+
 def _check_interface(spec: Any, comp: dict[str, Any]) -> list[str]:
     ins, outs = spec.io_manifest()
     problems = []
@@ -546,7 +585,9 @@ def _check_interface(spec: Any, comp: dict[str, Any]) -> list[str]:
 
 STAGE = Stage(
     name="palettize_coreml",
-    version="2",  # 2: packages saved reproducibly (common.coreml.io.normalize_package)
+    # 2: packages saved reproducibly (common.coreml.io.normalize_package); 3: flexible-batch packages
+    # measured at both batch sizes, chunks declared at the default batch
+    version="3",
     inputs={"coreml": (Kind.COREML,), "model": (Kind.PIPELINE,)},
     output_kind=Kind.COREML,
     params=PalettizeCoremlParams,

@@ -18,7 +18,10 @@ Per graph: constant folding and redundant-node removal with ONNX Runtime's *basi
 onnxscript optimizer takes minutes), opset imports trimmed to the domains actually used, fp16 where
 wanted, then ONNX shape inference (with data propagation) on the saved file, which also works past the
 2 GB protobuf limit. A graph that still holds non-standard ops (e.g. an ``optimize_onnx`` output) is
-refused: TensorRT's ONNX parser cannot read ORT contrib ops.
+refused: TensorRT's ONNX parser cannot read ORT contrib ops. Optional inputs (the UNet's ControlNet
+residuals, which ``export_onnx`` gives zero defaults) become required inputs with the contract's shapes
+again: TensorRT's parser takes an input that has an initializer for a constant weight, which would bake
+"no ControlNet" into the engine; the TensorRT runtime feeds zero residuals itself.
 
 The min/opt/max shape of every graph input goes into the manifest (``extra.profiles``), ready for
 ``IOptimizationProfile.set_shape``. The engine build itself is a separate stage.
@@ -92,10 +95,14 @@ def profiles(
     return out
 
 
-def prepare_graph(src: Any, work: Any, fp16: bool) -> Any:
-    """Constant-fold with ORT's basic level (standard ops only), trim opset imports, fp16 if asked."""
+def prepare_graph(
+    src: Any, work: Any, fp16: bool, contract_inputs: list[dict[str, Any]] | None = None
+) -> Any:
+    """Constant-fold with ORT's basic level (standard ops only), trim opset imports, make optional inputs
+    required again (with ``contract_inputs``' shapes), fp16 if asked."""
     import onnxruntime as ort
 
+    from sdkiln.stages.common.onnx import defaults as od
     from sdkiln.stages.common.onnx import io as ou
 
     work.mkdir(parents=True, exist_ok=True)
@@ -121,6 +128,10 @@ def prepare_graph(src: Any, work: Any, fp16: bool) -> Any:
     keep = [o for o in model.opset_import if (o.domain or "") in used or o.domain == "ai.onnx"]
     del model.opset_import[:]
     model.opset_import.extend(keep)
+    if od.default_values(model):
+        if contract_inputs is None:
+            raise UserError(f"{src}: optional graph inputs and no contract spec to make them required")
+        od.strip_defaults(model, contract_inputs)
     if fp16:
         model = ou.to_fp16(model)
     return model
@@ -144,12 +155,14 @@ def run(ctx: StageContext) -> None:
     for comp in t.selected:
         in_path, out_path = t.in_path(comp), t.out_path(comp)
         prec = oc.component_precision(comp.kind, p.precision, p.vae_precision)
-        model = prepare_graph(in_path, ctx.work_dir / comp.folder, prec == "fp16")
+        entry = t.entry(comp)
+        model = prepare_graph(in_path, ctx.work_dir / comp.folder, prec == "fp16", entry["inputs"])
         nodes[comp.key] = {
             "before": len(ou.load_model(in_path, with_data=False).graph.node),
             "after": len(model.graph.node),
         }
-        t.save(comp, model, wanted=prec)
+        required = [{k: v for k, v in i.items() if k not in ("optional", "default")} for i in entry["inputs"]]
+        t.save(comp, model, wanted=prec, entry={**entry, "inputs": required})
         del model
         # On the saved file: works past the protobuf limit, external data stays where it is.
         onnx.shape_inference.infer_shapes_path(str(out_path), str(out_path), data_prop=True)
@@ -170,7 +183,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="prepare_tensorrt",
-    version="1",
+    version="2",  # 2: optional (defaulted) inputs become required again
     inputs={"onnx": (Kind.ONNX,), "model": (Kind.PIPELINE,)},
     output_kind=Kind.TENSORRT,
     params=PrepareTensorrtParams,

@@ -61,17 +61,25 @@ class _Package:
         self.key = key
         self.inputs = {t["name"]: t for t in entry["inputs"]}
         self.outputs = [t["name"] for t in entry["outputs"]]
+        # A flexible-batch UNet/ControlNet takes each of these (its declared shape is the first).
+        self.batch_sizes = sorted(int(b) for b in entry.get("batch_sizes") or [self.batch])
 
     @property
     def batch(self) -> int:
+        """The declared batch (of the first input's shape)."""
         return int(next(iter(self.inputs.values()))["shape"][0])
 
     def predict(self, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Run ``feeds`` (Apple names) in chunks of the package's fixed batch size."""
+        """Run ``feeds`` (Apple names) in one call when the package takes their batch, else in chunks of
+        the largest batch size it takes that divides it."""
         rows = next(v.shape[0] for k, v in feeds.items() if k != "conditioning_scale")
-        step = self.batch
-        if rows % step:
-            raise UserError(f"{self.key}: the Core ML package takes batches of {step}, got {rows}")
+        fits = [b for b in self.batch_sizes if rows % b == 0]
+        if not fits:
+            raise UserError(
+                f"{self.key}: the Core ML package takes batches of {' or '.join(map(str, self.batch_sizes))}, "
+                f"got {rows}"
+            )
+        step = max(fits)
         results = []
         for start in range(0, rows, step):
             chunk = {

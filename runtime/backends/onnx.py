@@ -125,16 +125,18 @@ class OnnxComponent:
 
 
 def _session_io(session: Any) -> ComponentIO:
-    def spec(arg: Any, i: int) -> TensorSpec:
+    def spec(arg: Any, optional: bool = False) -> TensorSpec:
         shape = tuple(
             d if isinstance(d, int) else (d if isinstance(d, str) and d else f"{arg.name}_dim{k}")
             for k, d in enumerate(arg.shape)
         )
-        return TensorSpec(arg.name, _ORT_DTYPES.get(arg.type, arg.type), shape)
+        return TensorSpec(arg.name, _ORT_DTYPES.get(arg.type, arg.type), shape, optional=optional)
 
+    # Inputs with a default (an initializer of their name: a UNet's ControlNet residuals) are optional.
+    optional = {a.name: spec(a, optional=True) for a in session.get_overridable_initializers()}
     return ComponentIO(
-        inputs={a.name: spec(a, i) for i, a in enumerate(session.get_inputs())},
-        outputs={a.name: spec(a, i) for i, a in enumerate(session.get_outputs())},
+        inputs={a.name: spec(a) for a in session.get_inputs()} | optional,
+        outputs={a.name: spec(a) for a in session.get_outputs()},
     )
 
 
@@ -150,6 +152,8 @@ def _agree(name: str, declared: ComponentIO, actual: ComponentIO) -> None:
         d, a = declared.inputs[n], actual.inputs[n]
         if d.dtype != a.dtype or len(d.shape) != len(a.shape):
             problems.append(f"{n}: manifest {d.dtype}{list(d.shape)}, graph {a.dtype}{list(a.shape)}")
+        if d.optional and not a.optional:
+            problems.append(f"{n}: optional in the manifest, but the graph has no default for it")
     if problems:
         raise UserError(
             f"{name}: the bundle's manifest does not describe its ONNX graph: " + "; ".join(problems)

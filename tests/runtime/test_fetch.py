@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,7 @@ def test_cached_commit_loads_offline_and_a_tag_falls_back_to_its_last_commit(
     hub, published, tmp_path, monkeypatch, caplog
 ):
     _, commit = published
+    caplog.set_level(logging.WARNING, logger="sdkiln.runtime.fetch")
     cache = tmp_path / "c"
     folder = fetch_bundle(REPO, "v1", backend="onnx", endpoint=hub.endpoint, cache_dir=cache)
     hub.stop()  # the Hub is gone

@@ -93,9 +93,11 @@ def test_io_names_are_apples(coreml_split):
 
 def test_controlnet_outputs_feed_the_controlled_unet(coreml_split):
     comps = coreml_split.ctx.components
+    # A flexible-batch package declares its outputs without a shape (they follow the batch fed).
     outs = {t["name"]: t["shape"] for t in comps["controlnet.scribble"]["outputs"]}
     unet_in = {t["name"]: t["shape"] for t in comps["controlled_unet"]["inputs"]}
-    assert outs and all(unet_in[n] == s for n, s in outs.items())
+    assert outs and set(outs) <= set(unet_in) and all(s == [] for s in outs.values())
+    assert comps["controlnet.scribble"]["batch_sizes"] == comps["controlled_unet"]["batch_sizes"] == [2, 1]
 
 
 @pytest.mark.parametrize("which", ["coreml_split", "coreml_original"])
@@ -116,11 +118,11 @@ def test_parity_measured_above_floor_with_weights_read_back(which, request):
 
 def test_attention_implementation_shows_in_the_ops(coreml_split, coreml_original):
     split, orig = coreml_split.ctx.components, coreml_original.ctx.components
-    # Tiny UNet: 6 transformers x (self + cross) attention x 2 or 4 heads; 2 einsums per head.
-    assert (
-        split["controlled_unet"]["ops"]["einsum"] == 96 and split["controlled_unet"]["ops"]["softmax"] == 48
-    )
-    assert split["controlnet.scribble"]["ops"]["einsum"] == 48
+    # Tiny UNet: 6 transformers x (self + cross) attention x 2 or 4 heads; 2 products per head, batched
+    # matmuls in a flexible-batch package (einsums with a fixed batch: test_fixed_batch_split_einsum...).
+    ops = split["controlled_unet"]["ops"]
+    assert ops["matmul"] == 96 and ops["softmax"] == 48 and "einsum" not in ops
+    assert split["controlnet.scribble"]["ops"]["matmul"] == 48
     assert (
         "einsum" not in orig["controlled_unet"]["ops"] and "einsum" not in orig["controlnet.scribble"]["ops"]
     )
@@ -167,6 +169,50 @@ def test_parity_detects_a_wrong_weight(coreml_split, tiny_sd15_dir):
     assert good >= COREML_TINY_MIN_PSNR_DB["fp16"] > measured(bad)
 
 
+def test_readback_accounts_for_every_weight(coreml_split, tiny_sd15_dir):
+    """Every package weight maps to a parameter (or a derived constant) and every parameter is in the
+    package (or is an identity affine the converter removed); a weight the package lacks, or holds
+    without a parameter, is named."""
+
+    def check(recs):
+        module = cio.build_module(
+            "vae_decoder", cio.load_model(tiny_sd15_dir, "vae_decoder"), "original", False
+        )
+        return crb.accounting_problems(module, recs, crb.load_weights_into(module, recs))
+
+    records = crb.read_weights(coreml_split.out / SPLIT_PACKAGES["vae_decoder"])
+    assert check(records) == []
+    conv = next(n for n in records if "conv_in_weight" in n)
+    missing = check({k: v for k, v in records.items() if k != conv})
+    assert len(missing) == 1 and "decoder.conv_in.weight" in missing[0]
+    stray = crb.WeightRecord("stray_to_fp16", np.full((4, 4), 0.5, np.float16), 256)
+    extra = check({**records, "stray_to_fp16": stray})
+    assert extra == ["package weight stray_to_fp16 (4, 4) maps to no parameter of the module"]
+
+
+def test_one_layer_2pct_off_fails_the_fp16_gate(coreml_split, tiny_sd15_dir):
+    """A layer 2 % off in an fp16 package: the read-back finds it at the weight (fp16 rounding is
+    ~3e-4 of a tensor's RMS; the limit is 2e-3)."""
+    records = crb.read_weights(coreml_split.out / SPLIT_PACKAGES["vae_decoder"])
+    conv = next(n for n in records if "conv_in_weight" in n)
+    bad = {
+        **records,
+        conv: crb.WeightRecord(conv, records[conv].dense * np.float16(1.02), records[conv].storage_bits),
+    }
+    module = cio.build_module("vae_decoder", cio.load_model(tiny_sd15_dir, "vae_decoder"), "original", False)
+    problems = crb.accounting_problems(module, bad, crb.load_weights_into(module, bad))
+    assert len(problems) == 1 and "decoder.conv_in.weight (float)" in problems[0], problems
+
+
+def test_derived_constants_are_recognised():
+    half = 16
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / half).astype(np.float16)[None]
+    assert crb._derived_constant(freqs) == "timestep frequencies"
+    mask = np.triu(np.full((5, 5), -3e4, np.float16), 1)
+    assert crb._derived_constant(mask) == "causal attention mask"
+    assert crb._derived_constant(np.random.default_rng(0).standard_normal((1, 16))) is None
+
+
 def test_default_batch_follows_guidance():
     assert default_batch(get_family("sd15"), lcm=False) == 2
     assert default_batch(get_family("sd15"), lcm=True) == 1
@@ -198,6 +244,25 @@ def test_user_errors_before_any_conversion(tiny_sd15_artifact: InputArtifact, tm
         )
 
 
+def test_fixed_batch_split_einsum_uses_einsums_and_one_batch(tiny_sd15_artifact, tmp_path):
+    """flexible_batch: false keeps the einsum form and one fixed batch (here 1: the default without CFG
+    would be 2 for this preset, so it is asked for)."""
+    import coremltools as ct
+
+    from sdkiln.stages.common.coreml.flexible import accepted_batches
+
+    params = ExportCoremlParams(
+        attention="split_einsum", height=SIZE, width=SIZE, controlnets=("scribble",),
+        components=("controlnet",), flexible_batch=False, batch=1,
+    )  # fmt: skip
+    built = run_stage(STAGE, params, {"model": tiny_sd15_artifact}, tmp_path)
+    comp = built.ctx.components["controlnet.scribble"]
+    assert comp["ops"]["einsum"] == 48 and comp["batch_sizes"] == [1]
+    assert all(t["shape"] for t in comp["outputs"])  # fixed shapes throughout
+    accepted = accepted_batches(ct.utils.load_spec(str(built.out / comp["path"])))
+    assert accepted["sample"] == [1] and built.ctx.details["batch_flexibility"] == "fixed"
+
+
 def test_packages_are_saved_reproducibly(coreml_split, tmp_path):
     """Two saves of one model give the same bytes (item ids from paths, deterministic spec), so the
     cache and a remote see one artifact wherever it was built."""
@@ -218,6 +283,80 @@ def test_packages_are_saved_reproducibly(coreml_split, tmp_path):
     manifest = json.loads(saved[0]["Manifest.json"])
     root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
     assert root["path"] == "com.apple.CoreML/model.mlmodel"
+
+
+@pytest.mark.parametrize(
+    ("which", "mode", "flexibility"),
+    [("coreml_split", "enumerated", "enumeratedShapes"), ("coreml_original", "range", "shapeRange")],
+)
+def test_unet_and_controlnet_take_batch_one_and_two_declared_as_two(which, mode, flexibility, request):
+    """iOS 18 targets get enumerated shapes, older ones a 1...2 range; either way the declared (default)
+    shape is batch 2, the one Apple's Swift pipeline reads, and both batches are measured."""
+    import coremltools as ct
+
+    from sdkiln.stages.common.coreml.flexible import accepted_batches
+
+    built = request.getfixturevalue(which)
+    assert built.ctx.details["batch_flexibility"] == mode and built.ctx.details["batch_sizes"] == [2, 1]
+    m = built.ctx.metrics
+    for key in ("controlled_unet", "controlnet.scribble"):
+        spec = ct.utils.load_spec(str(built.out / built.ctx.components[key]["path"]))
+        for f in spec.description.input:
+            arr = f.type.multiArrayType
+            if f.name == "conditioning_scale":  # (1,), optional: no batch axis
+                assert arr.WhichOneof("ShapeFlexibility") is None and list(arr.shape) == [1]
+                continue
+            assert arr.WhichOneof("ShapeFlexibility") == flexibility, (key, f.name)
+            assert int(arr.shape[0]) == 2 and accepted_batches(spec)[f.name] == [1, 2], (key, f.name)
+        floor = m[f"{key}.psnr_floor_db"]
+        assert m[f"{key}.psnr_db_batch2"] >= floor and m[f"{key}.psnr_db_batch1"] >= floor, key
+        assert m[f"{key}.psnr_db"] == min(m[f"{key}.psnr_db_batch2"], m[f"{key}.psnr_db_batch1"])
+    # The batch-free components keep one fixed batch-1 shape.
+    for key in set(built.ctx.components) - {"controlled_unet", "controlnet.scribble"}:
+        spec = ct.utils.load_spec(str(built.out / built.ctx.components[key]["path"]))
+        assert all(
+            f.type.multiArrayType.WhichOneof("ShapeFlexibility") is None for f in spec.description.input
+        )
+
+
+def test_a_flexible_batch_package_cannot_be_declared_at_batch_one():
+    with pytest.raises(ValidationError, match="flexible_batch: false"):
+        ExportCoremlParams(batch=1)
+    assert ExportCoremlParams(batch=1, flexible_batch=False).batch == 1
+
+
+def test_a_batch_baked_into_the_program_is_caught():
+    """``program_problems`` is what fails the stage when a conversion loses the symbolic batch: a module
+    that reshapes with its traced batch as a constant must be reported, the batch-following one not."""
+    import coremltools as ct
+    import torch
+
+    from sdkiln.stages.common.coreml.flexible import BatchPlan, program_problems
+
+    class Baked(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(2, -1).sum(dim=1, keepdim=True).reshape(2, 1, 1, 1) * x
+
+    class Follows(torch.nn.Module):
+        def forward(self, x):
+            b = x.shape[0]
+            return x.reshape(b, -1).sum(dim=1, keepdim=True).reshape(b, 1, 1, 1) * x
+
+    plan = BatchPlan((2, 1), "range")
+    problems = {}
+    for module in (Baked(), Follows()):
+        traced = torch.jit.trace(module, torch.zeros(2, 3, 4, 4))
+        shape = ct.Shape([ct.RangeDim(1, 2, default=2), 3, 4, 4])
+        mlmodel = ct.convert(
+            traced,
+            convert_to="mlprogram",
+            inputs=[ct.TensorType(name="x", shape=shape, dtype=np.float32)],
+            minimum_deployment_target=ct.target.iOS17,
+            skip_model_load=True,
+        )
+        problems[type(module).__name__] = program_problems(mlmodel, plan)
+    assert problems["Follows"] == []
+    assert len(problems["Baked"]) == 1 and "static" in problems["Baked"][0]
 
 
 def _scaled(gain: float):

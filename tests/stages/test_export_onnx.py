@@ -59,8 +59,13 @@ def _check_export(onnx: InputArtifact, source: InputArtifact, keys: set[str]) ->
     )
     parity = onnx.metrics["parity"]
     for key, entry in comps.items():
-        # Contract names, dtypes and symbolic dims, exactly as the family table derives them.
-        assert entry["inputs"] == expected[key]["inputs"], key
+        # Contract names, dtypes and symbolic dims, exactly as the family table derives them; the UNet's
+        # ControlNet residuals are optional with a zero default (standard pipelines leave them out).
+        want = [
+            {**t, "optional": True, "default": 0.0} if "additional_residual" in t["name"] else t
+            for t in expected[key]["inputs"]
+        ]
+        assert entry["inputs"] == want, key
         assert entry["outputs"] == expected[key]["outputs"], key
         assert entry["precision"] == "fp32"
         assert (onnx.path / entry["path"]).is_file()
@@ -71,6 +76,21 @@ def _check_export(onnx: InputArtifact, source: InputArtifact, keys: set[str]) ->
         assert worst["max_abs"] <= tol.fp32_max_abs and worst["cosine"] >= tol.fp32_min_cosine, (key, worst)
     # Zero residuals are "no ControlNet": the same graph serves text, sketch and edit.
     assert "b1_32x32_no_controlnet" in parity["unet"]["cases"]
+    # ... and leaving them out is the same as feeding zeros, bit for bit.
+    unfed = onnx.metrics["optional_inputs"]["unet"]
+    assert unfed["unfed_vs_zero_max_abs"] == 0.0 and len(unfed["optional_inputs"]) == sum(
+        "additional_residual" in t["name"] for t in expected["unet"]["inputs"]
+    )
+    # The independent reference: the calls diffusers' own pipelines made, batch 1 and 2, were replayed.
+    calls = onnx.manifest.details["pipeline_parity"]["calls"]
+    for key in ("unet", "text_encoder", *(k for k in keys if k.startswith("controlnet."))):
+        assert calls[key] > 0, key
+        labels = set(parity[key]["cases"])
+        assert any(c.startswith("pipeline_text_b2") or c.startswith("pipeline_controlnet") for c in labels), (
+            key
+        )
+    ctype = next(k for k in keys if k.startswith("controlnet.")).split(".", 1)[1]
+    assert any(c.startswith(f"pipeline_controlnet-{ctype}_b1") for c in parity["unet"]["cases"])
     assert onnx.manifest.details["exporter"] == "torchscript" and onnx.manifest.details["opset"] == 17
     assert onnx.manifest.model.unet_controlnet_residuals is True
 
@@ -308,3 +328,23 @@ def test_export_onnx_stage_output_runs_at_parity(tmp_path: Path, tiny_sd15_artif
     for case in CASES:
         m = compare(run_case(reference, case, steps=2, size=64), run_case(onnx, case, steps=2, size=64))
         assert m["psnr_db"] >= floor_for("fp32"), (case.task, m)
+
+
+def test_the_pipeline_reference_catches_a_wrong_wrapper(make_ctx, tiny_sd15_artifact, monkeypatch) -> None:
+    """A mistake in the torch wrapper an export is traced from is in the graph AND in the wrapper's own
+    reference, so the wrapper-based cases pass; diffusers' recorded calls do not."""
+    from sdkiln.runtime.backends import torch_io
+    from sdkiln.stages.export_onnx import STAGE
+
+    real = torch_io.CALLS["unet"]
+
+    def off_by_timestep(model, x, outputs):  # a wrapper that shifts the timestep by one
+        return real(model, {**x, "timestep": x["timestep"] + 1}, outputs)
+
+    monkeypatch.setitem(torch_io.CALLS, "unet", off_by_timestep)
+    params = {"components": ["unet"], "parity": PARITY}
+    ctx = make_ctx(STAGE, params, inputs={"model": tiny_sd15_artifact})
+    with pytest.raises(ParityError) as err:
+        STAGE.run(ctx)
+    lines = err.value.failures
+    assert lines and all("pipeline_" in line for line in lines), lines

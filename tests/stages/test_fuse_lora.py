@@ -36,6 +36,8 @@ def test_fusion_parity(family, fmt, make_ctx, request):
     assert m["parity.unet.cosine"] >= tol.lora_fuse_min_cosine
     # the LoRAs really change the UNet (the parity numbers are not those of a no-op) ...
     assert m["lora_effect.unet.max_abs"] > 100 * max(m["parity.unet.max_abs"], 1e-6)
+    # ... and a LoRA left unfused (the base UNet against the adapters) fails the default fusion gate
+    assert m["lora_effect.unet.max_abs"] > tol.lora_fuse_max_abs
     # ... and every text encoder the first LoRA touches is checked too
     for te in get_family(family).text_encoders:
         assert m[f"parity.{te}.max_abs"] <= 1e-3

@@ -56,6 +56,16 @@ def test_sizes_bits_and_parity_are_recorded(palettized_unet, coreml_original):
     assert m[f"{k}.psnr_floor_db"] == COREML_TINY_MIN_PSNR_DB["palettized"]
     assert m[f"{k}.psnr_floor_db"] <= m[f"{k}.psnr_db"] < 70  # lossy, and measured through both chunks
     assert m[f"{k}.chunk_balance"] > 0.8
+    # Both batch sizes the flexible package takes are measured, and both chunks keep taking them.
+    assert m[f"{k}.psnr_db"] == min(m[f"{k}.psnr_db_batch2"], m[f"{k}.psnr_db_batch1"])
+    entry = palettized_unet.ctx.components[k]
+    assert entry["batch_sizes"] == [2, 1]
+    import coremltools as ct
+
+    from sdkiln.stages.common.coreml.flexible import accepted_batches
+
+    first = accepted_batches(ct.utils.load_spec(str(palettized_unet.out / CHUNKS[0])))
+    assert first["sample"] == first["encoder_hidden_states"] == [1, 2]
 
 
 def test_chunks_compose_to_the_unet(palettized_unet, coreml_original):
@@ -157,3 +167,29 @@ def test_choose_bits_widens_the_sensitive_layer_first():
     assert bits == {"robust": 4, "sensitive": 4}
     bits, predicted = choose_bits(sensitivity, sizes, (4, 8), target_db=90.0)  # unreachable: all widest
     assert bits == {"robust": 8, "sensitive": 8} and predicted < 90.0
+
+
+def test_one_layer_2pct_off_fails_the_6bit_gate(palettized_unet, tiny_sd15_dir):
+    """6-bit noise hides a layer 2 % off from the output PSNR (the palette costs ~15 dB on its own);
+    the read-back compares each palette value with the centroid of the reference weights it stands
+    for, which a faithful package matches up to rounding."""
+    records: dict = {}
+    for rel in CHUNKS:
+        records.update(crb.read_weights(palettized_unet.out / rel))
+
+    def check(recs):
+        module = cio.build_module("unet", cio.load_model(tiny_sd15_dir, "unet"), "original", False)
+        report = crb.load_weights_into(module, recs)
+        return report, crb.accounting_problems(module, recs, report)
+
+    report, problems = check(records)
+    assert problems == []
+    worst = max(err for kind, err in report.drift.values() if kind == "6bit")
+    assert worst <= crb.drift_limit("6bit")
+    op = max((n for n, r in records.items() if r.palettized), key=lambda n: records[n].dense.size)
+    bad = {
+        **records,
+        op: crb.WeightRecord(op, records[op].dense * np.float16(1.02), records[op].storage_bits, 6),
+    }
+    _, problems = check(bad)
+    assert len(problems) == 1 and "(6bit)" in problems[0], problems

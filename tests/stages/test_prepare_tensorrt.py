@@ -46,6 +46,15 @@ def test_fp16_graphs_with_profiles(
     assert prof["unet"]["timestep"] == {"min": [1], "opt": [2], "max": [4]}
     assert prof["vae_decoder"]["latent_sample"]["max"] == [2, 4, 16, 12]
     assert set(prof["unet"]) == {t["name"] for t in ctx.components["unet"]["inputs"]}
+    # TensorRT's parser takes an input with an initializer for a constant: the export's optional ControlNet
+    # residuals are required inputs again, with the contract's shapes.
+    unet = onnx.load(str(ctx.out_dir / "unet" / "model.onnx"), load_external_data=False)
+    assert not {v.name for v in unet.graph.input} & {t.name for t in unet.graph.initializer}
+    residuals = [t for t in ctx.components["unet"]["inputs"] if "additional_residual" in t["name"]]
+    assert residuals and not any(t.get("optional") for t in residuals)
+    assert [d.dim_param or d.dim_value for d in unet.graph.input[-1].type.tensor_type.shape.dim] == residuals[
+        -1
+    ]["shape"]
     assert ctx.stage.output_kind == "tensorrt"
 
 

@@ -124,7 +124,14 @@ class SplitHeadAttention(nn.Module):
     softmax runs over axis 1, and the output is ``einsum("bdxk,bkxq->bdxq", v_h, weights)``. Splitting
     the heads along the channel axis (instead of reshaping to ``(B, H, S, d)``) keeps every tensor 4-D
     channels-first and avoids the transposes the Neural Engine handles poorly.
+
+    ``tie`` (set for a flexible-batch Core ML conversion, ``flexible.tie_batches``) computes the same two
+    products per head as batched matmuls over views whose singleton axis is swapped: coremltools 9's
+    ``einsum`` asserts that both operands carry the same batch symbol, which its converter cannot prove
+    for a flexible batch; its ``matmul`` broadcasts them.
     """
+
+    tie = False
 
     def __init__(self, heads: int, dim_head: int, to_q: nn.Conv2d, to_k: nn.Conv2d, to_v: nn.Conv2d,
                  to_out: nn.Conv2d):  # fmt: skip
@@ -181,6 +188,8 @@ class SplitHeadAttention(nn.Module):
         # single batched matmul ("nchw,nwhu->nchu") with no per-head transposes.
         # One split per tensor (not one slice per head) keeps the converted graph small.
         d = self.dim_head
+        if self.tie:
+            return self.to_out[0](self._matmul_heads(q, k, v))
         k_heads = k.transpose(1, 3).split(d, dim=3)  # (B, S_k, 1, d) each
         q_heads, v_heads = q.split(d, dim=1), v.split(d, dim=1)  # (B, d, 1, S) each
         heads = []
@@ -188,6 +197,22 @@ class SplitHeadAttention(nn.Module):
             weights = torch.einsum("bkxd,bdxq->bkxq", k_h, q_h).softmax(dim=1)  # (B, S_k, 1, S_q)
             heads.append(torch.einsum("bdxk,bkxq->bdxq", v_h, weights))  # (B, d, 1, S_q)
         return self.to_out[0](torch.cat(heads, dim=1))
+
+    def _matmul_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The per-head products of ``forward`` as batched matmuls; (B, C, 1, S) in and out."""
+        d = self.dim_head
+
+        def lift(t: torch.Tensor) -> torch.Tensor:
+            # (B, C, 1, S) -> (B, 1, C, S): the singleton axis moves, the data order does not (a reshape).
+            return t.reshape(-1, 1, t.shape[1], t.shape[3])
+
+        q_heads, k_heads, v_heads = (lift(t).split(d, dim=2) for t in (q, k, v))
+        heads = []
+        for q_h, k_h, v_h in zip(q_heads, k_heads, v_heads, strict=True):
+            weights = torch.matmul(k_h.transpose(2, 3), q_h).softmax(dim=2)  # (B, 1, S_k, S_q)
+            heads.append(torch.matmul(v_h, weights))  # (B, 1, d, S_q)
+        out = torch.cat(heads, dim=2)
+        return out.reshape(-1, out.shape[2], 1, out.shape[3])
 
 
 class _ProjectionActivation(nn.Module):

@@ -128,9 +128,21 @@ class TextEncoderIO(nn.Module):
         return out[hidden], out[self.pooled]
 
 
+def tie_batch(reference: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` reshaped to ``reference``'s batch: a no-op in value, but in a converted program every
+    batch-carrying input then shares the ``sample`` input's batch symbol."""
+    b = reference.shape[0]
+    return tuple(t.reshape(b, *t.shape[1:]) for t in tensors)
+
+
 class UnetIO(nn.Module):
     """``sample, timestep, encoder_hidden_states (B, D, 1, 77)[, timestep_cond][, text_embeds, time_ids]
-    [, additional_residual_0..N-1]`` -> ``noise_pred``. The last residual is the mid-block one."""
+    [, additional_residual_0..N-1]`` -> ``noise_pred``. The last residual is the mid-block one.
+
+    ``tie`` (set for a flexible-batch conversion) reshapes every input to ``sample``'s batch first
+    (``tie_batch``)."""
+
+    tie = False
 
     def __init__(
         self, unet: nn.Module, attention: str, timestep_cond: bool, added_cond: bool, residuals: int
@@ -146,6 +158,11 @@ class UnetIO(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *extra: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        if self.tie:
+            timestep, encoder_hidden_states, *rest = tie_batch(
+                sample, timestep, encoder_hidden_states, *extra
+            )
+            extra = tuple(rest)
         context = (
             encoder_hidden_states if self.channels_first else encoder_hidden_states.squeeze(2).transpose(1, 2)
         )
@@ -168,7 +185,10 @@ class UnetIO(nn.Module):
 
 class ControlNetIO(nn.Module):
     """``sample, timestep, encoder_hidden_states (B, D, 1, 77), controlnet_cond, conditioning_scale
-    [, text_embeds, time_ids]`` -> ``additional_residual_0..N-1`` (down residuals, then the mid one)."""
+    [, text_embeds, time_ids]`` -> ``additional_residual_0..N-1`` (down residuals, then the mid one).
+    ``tie``: as ``UnetIO``'s."""
+
+    tie = False
 
     def __init__(self, controlnet: nn.Module, attention: str, added_cond: bool):
         super().__init__()
@@ -179,6 +199,11 @@ class ControlNetIO(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor,
                 *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        if self.tie:
+            timestep, encoder_hidden_states, controlnet_cond, *rest = tie_batch(
+                sample, timestep, encoder_hidden_states, controlnet_cond, *extra
+            )
+            extra = tuple(rest)
         context = (
             encoder_hidden_states if self.channels_first else encoder_hidden_states.squeeze(2).transpose(1, 2)
         )

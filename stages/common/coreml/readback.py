@@ -84,6 +84,7 @@ class WeightRecord:
     dense: np.ndarray
     storage_bits: int
     nbits: int | None = None  # palette bits when stored as a lookup table
+    groups: tuple[int, ...] = ()  # palettes per axis (per-grouped-channel tables); () for one table
 
     @property
     def palettized(self) -> bool:
@@ -130,11 +131,14 @@ def read_weights(path: Path) -> dict[str, WeightRecord]:
             if op.op_type.startswith("constexpr_"):
                 dense = np.asarray(op.materialized_val_inference())
                 nbits = None
+                groups: tuple[int, ...] = ()
                 if op.op_type == "constexpr_lut_to_dense":
                     lut = np.asarray(op.inputs["lut"].val)
                     entries = lut.shape[-2] if lut.ndim >= 2 else lut.shape[0]
                     nbits = int(round(math.log2(entries)))
-                records[op.name] = WeightRecord(op.name, dense, _storage_bits(op), nbits)
+                    if lut.ndim == dense.ndim + 2:  # iOS 18 tables: one per block of each axis
+                        groups = tuple(int(g) for g in lut.shape[: dense.ndim])
+                records[op.name] = WeightRecord(op.name, dense, _storage_bits(op), nbits, groups)
             elif op.op_type == "const":
                 val = out.val
                 if val is None or np.ndim(val) == 0 or not np.issubdtype(np.asarray(val).dtype, np.floating):
@@ -238,6 +242,8 @@ class LoadReport:
     unmatched_ops: list[str]  # weights in the package with no parameter of that name
     missing_params: list[str]  # parameters no package weight was found for (kept as they were)
     matched_palettized: int
+    # parameter -> ("float" | "<n>bit", relative RMS distance from the reference; see weight_drift)
+    drift: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def metrics(self, module: nn.Module) -> dict[str, Any]:
         sd = module.state_dict()
@@ -256,14 +262,15 @@ class LoadReport:
 def load_weights_into(module: nn.Module, records: dict[str, WeightRecord]) -> LoadReport:
     """Copy package weights into the torch module that was converted, matched by name.
 
-    A package weight whose name matches no parameter, or whose size differs, is reported, not loaded.
-    Parameters without a package weight keep their values: in practice GroupNorm's affine vectors,
-    which the converter folds into other constants (a few hundred numbers, never palettized).
+    A package weight whose name matches no parameter, or whose size differs, is matched by its values
+    to a parameter left over (a renamed weight), else reported; ``accounting_problems`` then decides
+    whether what is left is explained (derived constants, identity affines the converter dropped).
     """
     index = param_index(module)
     state = module.state_dict()
     matched: dict[str, str] = {}
     unmatched: list[str] = []
+    drift: dict[str, tuple[str, float]] = {}
     n_pal = 0
     for op_name, rec in records.items():
         pname = index.get(weight_key(op_name))
@@ -273,20 +280,123 @@ def load_weights_into(module: nn.Module, records: dict[str, WeightRecord]) -> Lo
                 unmatched.append(op_name)
             continue
         target = state[pname]
+        drift[pname] = weight_drift(rec, target.detach().float().numpy())
         target.copy_(torch.from_numpy(np.asarray(rec.dense, dtype=np.float32)).reshape(target.shape))
         matched[pname] = op_name
         n_pal += rec.palettized
     missing = [n for n in state if n not in matched and state[n].is_floating_point()]
-    return LoadReport(matched, unmatched, missing, n_pal)
+    # A weight the converter renamed (CLIP's position embedding) is matched by its values instead.
+    for op_name in list(unmatched):
+        dense = np.asarray(records[op_name].dense, dtype=np.float32).ravel()
+        for pname in missing:
+            target = state[pname]
+            ref = target.detach().float().numpy().ravel()
+            if ref.size == dense.size and np.allclose(dense, ref, rtol=2e-3, atol=1e-4):
+                target.copy_(torch.from_numpy(dense).reshape(target.shape))
+                matched[pname] = op_name
+                unmatched.remove(op_name)
+                missing.remove(pname)
+                break
+    return LoadReport(matched, unmatched, missing, n_pal, drift)
+
+
+# How far a package weight may sit from its reference parameter (relative RMS). Float weights: fp16
+# rounding, <= 2^-11 per element (measured <= 3.0e-4 on the tiny presets). Palettized weights: each
+# palette entry against the mean of the reference weights assigned to it (k-means centroids), which
+# loosens as palettes shrink: 6-bit measured <= 2.9e-3 on the tiny UNet (a layer 1 % off: >= 9.7e-3),
+# 4-bit up to 9.4e-3 (tiny VAE decoder, grouped channels). Output PSNR alone cannot see a layer 1-2 %
+# off under 6-bit noise.
+MAX_WEIGHT_DRIFT = {"float": 2e-3, "8bit": 3e-3, "7bit": 4e-3, "6bit": 6e-3, "5bit": 1.2e-2}
+MAX_DRIFT_FEW_BITS = 2.4e-2  # 4 bits and fewer
+
+
+def drift_limit(kind: str) -> float:
+    return MAX_WEIGHT_DRIFT.get(kind, MAX_DRIFT_FEW_BITS)
+
+
+def weight_drift(rec: WeightRecord, reference: np.ndarray) -> tuple[str, float]:
+    """``("float", rel RMS of the stored values vs the reference)`` or, for a palettized weight,
+    ``("<n>bit", rel RMS of each palette value vs the centroid of the reference weights that use
+    it)``: zero up to rounding for a faithful package, whatever the palette's own quantization error."""
+    d = np.asarray(rec.dense, dtype=np.float32).ravel()  # fp32 first: numpy's fp16 unique is unreliable
+    r = np.asarray(reference, dtype=np.float64).ravel()
+    scale = float(np.sqrt(np.mean(r * r))) or 1.0
+    if not np.all(np.isfinite(d)):
+        return (f"{rec.nbits}bit" if rec.palettized else "float", float("inf"))
+    if rec.palettized:
+        _, inv = np.unique(d, return_inverse=True)
+        if any(g > 1 for g in rec.groups):  # a table per block: cluster = (block, palette value)
+            block = np.zeros(rec.dense.shape, dtype=np.int64)
+            for axis, g in enumerate(rec.groups):
+                size = rec.dense.shape[axis]
+                idx = np.arange(size) // max(1, size // g)
+                shape = [1] * rec.dense.ndim
+                shape[axis] = size
+                block = block * g + idx.reshape(shape)
+            _, inv = np.unique(block.ravel() * (int(inv.max()) + 1) + inv, return_inverse=True)
+        centroids = np.bincount(inv, weights=r) / np.bincount(inv)
+        return f"{rec.nbits}bit", float(np.sqrt(np.mean((d - centroids[inv]) ** 2)) / scale)
+    return "float", float(np.sqrt(np.mean((d - r) ** 2)) / scale)
+
+
+def _is_identity(name: str, t: torch.Tensor) -> bool:
+    """A norm's affine left at identity (weight 1, bias 0): the converter drops the multiply/add."""
+    return bool((t == 1).all()) if name.endswith("weight") else bool((t == 0).all())
+
+
+def _derived_constant(arr: np.ndarray) -> str | None:
+    """What a parameter-free constant of a package is, if it is one the forward pass computes from the
+    config: zeros (a bias-free linear's bias), sinusoidal timestep frequencies, a causal attention mask."""
+    a = np.asarray(arr, dtype=np.float64)
+    v = a.squeeze()
+    if not v.any():
+        return "zeros (the bias the converter gives a bias-free linear)"
+    if v.ndim == 1 and v.size >= 2 and v[0] == 1.0:
+        half = v.size
+        for shift in (0.0, 1.0):
+            freqs = np.exp(-math.log(10000.0) * np.arange(half) / (half - shift))
+            if np.allclose(v, freqs, rtol=2e-3, atol=1e-4):
+                return "timestep frequencies"
+    if v.ndim == 2 and v.shape[0] == v.shape[1] and v.shape[0] > 1:
+        lower = np.tril(np.ones_like(v, dtype=bool))
+        if not v[lower].any() and (v[~lower] <= -1e4).all():
+            return "causal attention mask"
+    return None
+
+
+def accounting_problems(module: nn.Module, records: dict[str, WeightRecord], report: LoadReport) -> list[str]:
+    """Every weight of the package must be a parameter of the module (or a constant the forward pass
+    derives from the config), and every parameter must be in the package (or be an identity affine
+    the converter removed); anything else means the read-back would measure the reference's own
+    weights for that part, so it is a failure, named. Each matched weight must also sit within
+    ``MAX_WEIGHT_DRIFT`` of its reference (``weight_drift``)."""
+    state = module.state_dict()
+    problems = [
+        f"package weight {op} {tuple(records[op].dense.shape)} maps to no parameter of the module"
+        for op in report.unmatched_ops
+        if _derived_constant(records[op].dense) is None
+    ]
+    problems += [
+        f"parameter {name} {tuple(state[name].shape)} is not in the package (and is not an identity affine)"
+        for name in report.missing_params
+        if not _is_identity(name, state[name])
+    ]
+    problems += [
+        f"weight {name} ({kind}) is {err:.3g} (relative RMS) from the reference, over {drift_limit(kind):g}"
+        for name, (kind, err) in sorted(report.drift.items(), key=lambda kv: -kv[1][1])
+        if not err <= drift_limit(kind)
+    ]
+    return problems
 
 
 @dataclass
 class PackageParity:
     """A package measured against the PyTorch reference by reading its weights back."""
 
-    psnr_db: list[float]  # per output
+    psnr_db: list[float]  # per output (of every case, in order)
     summary: WeightSummary
     load: dict[str, Any]  # LoadReport.metrics
+    case_db: list[float] = field(default_factory=list)  # the worst output of each case
 
     @property
     def worst_db(self) -> float:
@@ -296,10 +406,12 @@ class PackageParity:
 def measure_packages(
     packages: list[Path], folder: Path, key: str, model_class: str | None, attention: str, added_cond: bool,
     example: list[torch.Tensor], reference: list[np.ndarray],
+    more: list[tuple[list[torch.Tensor], list[np.ndarray]]] = (),  # type: ignore[assignment]
 ) -> PackageParity:  # fmt: skip
     """Load the weights of ``packages`` (one package, or the chunks of one) into a fresh torch module of
     component ``key`` (from the PIPELINE ``folder``, in attention mode ``attention``), run it on
-    ``example`` and measure each output's PSNR against ``reference``.
+    ``example`` and measure each output's PSNR against ``reference``; likewise for each further
+    ``(example, reference)`` case in ``more`` (another batch size of a flexible package).
 
     Raises BuildError when a palettized weight maps to no parameter: the module would then run with
     the reference's own weights and the measurement would prove nothing.
@@ -310,13 +422,20 @@ def measure_packages(
     summary = summarize_weights(records)
     module = build_module(key, load_model(folder, key, model_class), attention, added_cond)
     report = load_weights_into(module, records)
+    problems = accounting_problems(module, records, report)
     del records
+    if problems:
+        shown = "\n  ".join(problems[:8]) + (f"\n  ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise BuildError(f"{key}: the read-back cannot account for every weight:\n  {shown}")
     if report.matched_palettized != summary.lut_ops:
         raise BuildError(
             f"{key}: only {report.matched_palettized} of {summary.lut_ops} palettized weights map to "
             "parameters; the parity check would not measure the package"
         )
-    outputs = run_module(module, example)
-    return PackageParity(
-        [psnr(r, o) for r, o in zip(reference, outputs, strict=True)], summary, report.metrics(module)
-    )
+    all_db: list[float] = []
+    case_db: list[float] = []
+    for ex, ref in [(example, reference), *more]:
+        dbs = [psnr(r, o) for r, o in zip(ref, run_module(module, ex), strict=True)]
+        all_db += dbs
+        case_db.append(min(dbs))
+    return PackageParity(all_db, summary, report.metrics(module), case_db)

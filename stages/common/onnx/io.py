@@ -236,15 +236,23 @@ def _dtype(value_info: Any) -> str:
 
 
 def io_spec(model: Any) -> dict[str, list[dict[str, Any]]]:
-    """The contract's per-component I/O spec of an ONNX model: graph inputs (initializers excluded) and
-    outputs, each ``{"name", "dtype", "shape"}`` with ints for static and strings for dynamic dims."""
-    inits = {t.name for t in model.graph.initializer}
+    """The contract's per-component I/O spec of an ONNX model: graph inputs and outputs, each
+    ``{"name", "dtype", "shape"}`` with ints for static and strings for dynamic dims. An input that has
+    an initializer of its name (ONNX's optional input, see ``defaults``) is ``optional`` with its
+    ``default``; initializers that are not graph inputs are weights, not inputs."""
+    from sdkiln.stages.common.onnx.defaults import default_values
+
+    defaults = default_values(model)
+    inputs = []
+    for v in model.graph.input:
+        t: dict[str, Any] = {"name": v.name, "dtype": _dtype(v), "shape": _dims(v)}
+        if v.name in defaults:
+            t["optional"] = True
+            if defaults[v.name] is not None:
+                t["default"] = defaults[v.name]
+        inputs.append(t)
     return {
-        "inputs": [
-            {"name": v.name, "dtype": _dtype(v), "shape": _dims(v)}
-            for v in model.graph.input
-            if v.name not in inits
-        ],
+        "inputs": inputs,
         "outputs": [{"name": v.name, "dtype": _dtype(v), "shape": _dims(v)} for v in model.graph.output],
     }
 
@@ -313,6 +321,21 @@ def spec_mismatches(actual: Mapping[str, Any], expected: Mapping[str, Any], what
             problems.append(f"{what}: {side} are {a}, the contract says {e}")
             continue
         for ta, te in zip(actual[side], expected[side], strict=True):
+            if bool(ta.get("optional")) != bool(te.get("optional")):
+                problems.append(
+                    f"{what}: {side[:-1]} {ta['name']} is {'' if ta.get('optional') else 'not '}optional, "
+                    f"the contract says it is {'' if te.get('optional') else 'not '}optional"
+                )
+                continue
+            if ta.get("optional"):
+                # An optional input's declared dims are relaxed for its broadcastable default
+                # (defaults.add_zero_defaults); dtype and rank still have to agree.
+                if ta["dtype"] != te["dtype"] or len(ta["shape"]) != len(te["shape"]):
+                    problems.append(
+                        f"{what}: optional {side[:-1]} {ta['name']} is {ta['dtype']} of rank {len(ta['shape'])}, "
+                        f"the contract says {te['dtype']}{te['shape']}"
+                    )
+                continue
             if ta["dtype"] != te["dtype"] or list(ta["shape"]) != list(te["shape"]):
                 problems.append(
                     f"{what}: {side[:-1]} {ta['name']} is {ta['dtype']}{ta['shape']}, "

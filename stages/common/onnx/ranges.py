@@ -111,7 +111,8 @@ def minmax(model_path: Path, feeds: list[dict[str, Any]], op_types: list[str]) -
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(augmented), opts, providers=["CPUExecutionProvider"])
-    wanted_inputs = {i.name for i in sess.get_inputs()}
+    # Optional inputs (an ONNX UNet's zero-default ControlNet residuals) are overridable initializers to ORT.
+    wanted_inputs = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
     outs = [n for p in pairs for n in p]
     lo = np.full(len(tensors), np.inf, np.float32)
     hi = np.full(len(tensors), -np.inf, np.float32)

@@ -24,6 +24,7 @@ from typing import Any
 
 from sdkiln.runtime.contract.errors import BuildError, UserError
 from sdkiln.stages.common.onnx import components as oc
+from sdkiln.stages.common.onnx import defaults as od
 from sdkiln.stages.common.onnx import io as ou
 from sdkiln.stages.common.onnx.parity import ParityParams, ParityReport, gate_for
 from sdkiln.stages.engine.core import StageContext
@@ -87,15 +88,17 @@ class GraphTransform:
         self.bytes[comp.key] = ou.files_bytes(files)
         self.ctx.components[comp.key] = self.entry(comp)
 
-    def save(self, comp: oc.Component, model: Any, wanted: str | None = None) -> list[Path]:
-        """Save a transformed graph in the component's place, check that its I/O spec did not change,
-        and record it with the precision its weights hold (``wanted``: what the stage meant to make;
-        a difference is recorded as a warning)."""
-        entry = self.entry(comp)
+    def save(
+        self, comp: oc.Component, model: Any, wanted: str | None = None, entry: dict[str, Any] | None = None
+    ) -> list[Path]:
+        """Save a transformed graph in the component's place, check that its I/O spec did not change
+        (or is ``entry``'s, a stage's new manifest entry for it), and record it with the precision its
+        weights hold (``wanted``: what the stage meant to make; a difference is recorded as a warning)."""
+        entry = entry or self.entry(comp)
         files = ou.save_model(model, self.out_path(comp), "auto", restore=False)
         spec = ou.io_spec(model)
         problems = ou.spec_mismatches(spec, {k: entry[k] for k in ("inputs", "outputs")}, comp.key)
-        self.record(comp, files, problems, ou.weight_precision(model), wanted)
+        self.record(comp, files, problems, ou.weight_precision(model), wanted, entry=entry)
         return files
 
     def record(
@@ -106,10 +109,12 @@ class GraphTransform:
         precision: tuple[str, dict[str, float]],
         wanted: str | None = None,
         path: str | None = None,
+        entry: dict[str, Any] | None = None,
     ) -> None:
         """Record a saved model of any format (ONNX here; OpenVINO IR in ``export_openvino``): its I/O
         mismatches (a BuildError), its precision read from its content (``(label, shares)``) against
-        ``wanted``, its bytes, and its manifest entry (``path`` when the file is not the ONNX one)."""
+        ``wanted``, its bytes, and its manifest entry (``path`` when the file is not the ONNX one;
+        ``entry``: a stage's new entry for it, default the input's)."""
         if problems:
             raise BuildError(f"{self.ctx.stage.name}: a graph changed its I/O:\n  " + "\n  ".join(problems))
         label, shares = precision
@@ -118,7 +123,7 @@ class GraphTransform:
             self.warnings.append(msg)
             logger.warning("%s: %s", self.ctx.step_id, msg)
         self.bytes[comp.key] = ou.files_bytes(files)
-        entry = {**self.entry(comp), "precision": label, "weight_storage": shares}
+        entry = {**(entry or self.entry(comp)), "precision": label, "weight_storage": shares}
         if path is not None:
             entry["path"] = path
         self.ctx.components[comp.key] = entry
@@ -147,7 +152,32 @@ class GraphTransform:
         sess = session if session is not None else ou.session(self.out_path(comp), provider)
         before = len(self.report.failures)
         self.report.check(comp.key, sess, cases, gate_for(comp.key, precision))
+        if session is None:
+            # A graph with optional ControlNet residuals must still mean "no ControlNet" when they are left
+            # out (ONNX Runtime sessions: they list the overridable initializers).
+            unfed = od.check_unfed(sess, cases[0].feeds, f"{self.ctx.stage.name} {comp.key}")
+            if unfed:
+                self.ctx.metrics.setdefault("optional_inputs", {})[comp.key] = unfed
+        self.check_weights(comp)
         return self.report.failures[before:]
+
+    def check_weights(self, comp: oc.Component) -> None:
+        """Gate a saved ONNX graph's fp16/int8 weights against its fp32 source graph's (``weights``):
+        output floors cannot see a single layer a few percent off under fp16 or int8 noise."""
+        from sdkiln.stages.common.onnx.weights import weight_drift
+
+        out, src = self.out_path(comp), self.in_path(comp)
+        if out.suffix != ".onnx" or self.entry(comp)["precision"] != "fp32" or not out.is_file():
+            return
+        drift = weight_drift(out, src)
+        if not drift.errors:
+            return
+        worst = drift.worst()
+        self.report.results.setdefault(comp.key, {})["weights"] = {
+            "max_rel_rms": {k: float(f"{v:.4g}") for k, v in worst.items()},
+            "coverage": round(drift.coverage, 4),
+        }
+        self.report.failures += [f"{comp.key}: {f}" for f in drift.failures()[:5]]
 
     def below_floor(self, comp: oc.Component, failures: list[str]) -> dict[str, Any]:
         """Take a component's gate failures back out of the report (the stage replaces the component by

@@ -39,11 +39,39 @@ def core() -> Any:
     return ov.Core()
 
 
-def convert(onnx_path: Path) -> Any:
-    """The ONNX graph (and its external data) as an ``ov.Model``; input/output names are kept."""
+def convert(
+    onnx_path: Path, contract_inputs: list[dict[str, Any]] | None = None, work_dir: Path | None = None
+) -> Any:
+    """The ONNX graph (and its external data) as an ``ov.Model``; input/output names are kept.
+
+    Optional inputs (an ONNX UNet's ControlNet residuals: graph inputs with a zero-default initializer)
+    would be read by OpenVINO's ONNX frontend as constants, so the IR could take no ControlNet. Such a
+    graph is first rewritten in ``work_dir`` with those inputs required again, shaped by
+    ``contract_inputs`` (``common.onnx.defaults.strip_defaults``; its external data files are linked, not
+    copied); the runtime backend feeds the defaults when they are left out."""
+    import onnx
     import openvino as ov
 
-    return ov.convert_model(str(onnx_path))
+    from sdkiln.runtime.contract.errors import BuildError
+    from sdkiln.stages.common.onnx import defaults as od
+
+    onnx_path = Path(onnx_path)
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    if not od.default_values(graph):
+        del graph
+        return ov.convert_model(str(onnx_path))
+    if contract_inputs is None or work_dir is None:
+        raise BuildError(f"{onnx_path}: optional inputs, and no contract spec to make them OpenVINO inputs")
+    od.strip_defaults(graph, contract_inputs)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for f in onnx_path.parent.iterdir():
+        link = work_dir / f.name
+        if f.name != onnx_path.name and f.is_file() and not link.exists():
+            link.symlink_to(f.resolve())
+    stripped = work_dir / onnx_path.name
+    onnx.save(graph, str(stripped))
+    return ov.convert_model(str(stripped))
 
 
 def save(model: Any, xml: Path) -> list[Path]:

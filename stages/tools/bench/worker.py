@@ -344,11 +344,13 @@ class _WorkerState:
         session = ort.InferenceSession(
             str(self.bundle / section / entry["path"]), sess_options=opts, providers=["CPUExecutionProvider"]
         )
+        # + optional inputs (an ONNX UNet's zero-default ControlNet residuals: overridable initializers to ORT)
         names = {i.name for i in session.get_inputs()}
+        run_names = names | {i.name for i in session.get_overridable_initializers()}
         missing = names - set(feeds)
         if missing:
             raise UserError(f"{component}: the graph wants inputs the spec lacks: {sorted(missing)}")
-        run_feeds = {k: v for k, v in feeds.items() if k in names}
+        run_feeds = {k: v for k, v in feeds.items() if k in run_names}
         out_names = [o.name for o in session.get_outputs()]
         session.run(out_names, run_feeds)
         self.kernels = ort_kernels(session.end_profiling())

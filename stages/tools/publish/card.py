@@ -1,6 +1,6 @@
-"""The model card of a published bundle: what it is, how to run it (sdkiln, and the field's own runtimes),
-its sections with per-component precision, size, bits per weight and parity, the upstream models at their
-pinned commits with their licenses, tool versions and the recipe. Deterministic: the same manifest gives
+"""The model card of a published bundle: what it is, how to run it (sdkiln, and the field's own runtimes:
+``elsewhere``), its sections with per-component precision, size, bits per weight and parity, the upstream
+models at their pinned commits with their licenses, tool versions and the recipe. Deterministic: the same manifest gives
 the same bytes, so republishing an unchanged bundle changes nothing.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdkiln.runtime.contract.manifest import BundleManifest, Section
+from sdkiln.stages.tools.publish import elsewhere
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +298,8 @@ def render_model_card(
         "its backend needs and checks each one's sha256 against `manifest.json` before loading it.",
         "",
     ]
+    # diffusers / optimum (ONNX) and Apple's Swift package (Core ML): tools/publish/elsewhere.py.
+    lines += elsewhere.render(manifest, repo_id)
     if card_license:
         why = (
             "as given"

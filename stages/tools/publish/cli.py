@@ -38,6 +38,12 @@ def add_publish_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--license", default=None, help="license id for the model card when the build recorded none"
     )
     p.add_argument("--dry-run", action="store_true", help="read the repo and print what would be uploaded")
+    p.add_argument(
+        "--no-parity",
+        action="store_true",
+        help="skip re-measuring every graph against the bundle's PyTorch reference before uploading "
+        "(what `sdkiln verify --parity` does; on by default)",
+    )
     p.set_defaults(func=publish_command)
     return p
 
@@ -88,6 +94,12 @@ def publish_command(args: argparse.Namespace) -> int:
     """``sdkiln publish``: call the library, print the report. Errors propagate as SdkilnError."""
     # httpx2 logs every request URL at INFO; LFS upload URLs carry pre-signed credentials.
     logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger("httpx2").level))
+    if not args.no_parity:
+        from sdkiln.stages.tools.verify import verify_parity
+
+        verdict = verify_parity(args.bundle)
+        print(verdict.table())
+        verdict.raise_if_failed()  # nothing is uploaded for a bundle whose graphs miss their floors
     result = publish_bundle(
         args.bundle,
         args.repo_id,

@@ -36,12 +36,19 @@ KEYS = (
 
 
 class _FakeMLModel:
-    registry: dict[str, tuple[torch.nn.Module, list[str], list[str]]] = {}
+    # path -> (module, input names, output names, the batch sizes the package takes)
+    registry: dict[str, tuple[torch.nn.Module, list[str], list[str], list[int]]] = {}
+    calls: list[tuple[str, int]] = []
 
     def __init__(self, path: str, compute_units: object = None):
-        self.module, self.inputs, self.outputs = self.registry[path]
+        self.path = path
+        self.module, self.inputs, self.outputs, self.batches = self.registry[path]
 
     def predict(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = feeds[self.inputs[0]].shape[0]
+        # Core ML refuses a batch the package does not declare.
+        assert rows in self.batches, f"{self.path}: batch {rows}, the package takes {self.batches}"
+        self.calls.append((Path(self.path).name, rows))
         args = [torch.from_numpy(np.asarray(feeds[n], np.float32)) for n in self.inputs]
         with torch.no_grad():
             out = self.module(*args)
@@ -49,8 +56,9 @@ class _FakeMLModel:
         return {n: o.numpy() for n, o in zip(self.outputs, outs, strict=True)}
 
 
-def _coreml_bundle(root: Path, source: Path, batch: int) -> Path:
-    """``source``'s torch/fused section plus a coreml/original section of stand-in packages (latent 8x8)."""
+def _coreml_bundle(root: Path, source: Path, batch: int, sizes: list[int] | None = None) -> Path:
+    """``source``'s torch/fused section plus a coreml/original section of stand-in packages (latent 8x8);
+    ``sizes``: the batch sizes a flexible UNet/ControlNet takes (declared at the first), else ``batch``."""
     from sdkiln.stages.common.coreml import io as cio
     from sdkiln.stages.common.torch.pipeline import read_configs
 
@@ -66,7 +74,8 @@ def _coreml_bundle(root: Path, source: Path, batch: int) -> Path:
         config = configs.get(ckey) or json.loads(
             (pipeline / "controlnet" / key.split(".")[1] / "config.json").read_text()
         )
-        b = batch if key in cio.UNET_KEYS or key.startswith("controlnet.") else 1
+        batched = key in cio.UNET_KEYS or key.startswith("controlnet.")
+        b = (sizes[0] if sizes else batch) if batched else 1
         plan = cio.plan_component(key, {**config, "latent_channels": 4}, b, (8, 8), 8, False)
         rel = cio.package_relpath(key)
         (section / rel).mkdir(parents=True)
@@ -77,11 +86,13 @@ def _coreml_bundle(root: Path, source: Path, batch: int) -> Path:
             module,
             [t.name for t in plan.inputs],
             list(plan.output_names),
+            list(sizes) if sizes and batched else [b],
         )
         components[key] = {
             "path": rel,
             "inputs": [t.to_manifest() for t in plan.inputs],
             "outputs": [{"name": n, "dtype": "float32", "shape": []} for n in plan.output_names],
+            **({"batch_sizes": list(sizes)} if sizes and batched else {}),
         }
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(pipeline / "tokenizer" / name, section / name)
@@ -111,12 +122,20 @@ def fake_coremltools(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("source", "batch"), [("tiny_lcm_bundle", 1), ("tiny_bundle", 2)], ids=["lcm-b1", "cfg-b2"]
+    ("source", "batch", "sizes"),
+    [
+        ("tiny_lcm_bundle", 1, None),
+        ("tiny_bundle", 2, None),
+        ("tiny_lcm_bundle", 2, [2, 1]),
+        ("tiny_bundle", 2, [2, 1]),
+    ],
+    ids=["lcm-b1", "cfg-b2", "lcm-flexible", "cfg-flexible"],
 )
 def test_coreml_backend_matches_the_reference(
-    request, tmp_path: Path, fake_coremltools, source: str, batch: int
+    request, tmp_path: Path, fake_coremltools, source: str, batch: int, sizes: list[int] | None
 ):
-    bundle = _coreml_bundle(tmp_path / "bundle", request.getfixturevalue(source), batch)
+    bundle = _coreml_bundle(tmp_path / "bundle", request.getfixturevalue(source), batch, sizes)
+    _FakeMLModel.calls.clear()
     coreml = load(bundle, backend="coreml")
     reference = load(bundle, backend="torch")
     assert coreml.info.default_size == (64, 64)
@@ -124,6 +143,10 @@ def test_coreml_backend_matches_the_reference(
         steps = 2
         m = compare(run_case(reference, case, steps=steps, size=64), run_case(coreml, case, steps=steps))
         assert m["psnr_db"] >= floor_for("fp32"), (case.task, m)
+    if sizes:
+        # A flexible package runs the loop's batch in one call: LCM (no CFG) batch 1, CFG batch 2.
+        unet_rows = {rows for name, rows in _FakeMLModel.calls if "Unet" in name}
+        assert unet_rows == ({1} if source == "tiny_lcm_bundle" else {2}), unet_rows
     with pytest.raises(
         UserError, match="not one this bundle was exported for: its UNet takes height 64 px only"
     ):

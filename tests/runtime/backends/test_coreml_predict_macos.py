@@ -14,6 +14,7 @@ import pytest
 
 from sdkiln.runtime.contract.floors import COREML_TINY_MIN_PSNR_DB, tolerance
 from sdkiln.stages.common.coreml import io as cio
+from sdkiln.stages.common.coreml.flexible import at_batch
 
 pytestmark = [
     pytest.mark.macos,
@@ -37,15 +38,18 @@ def _reference(folder, key, example):
 
 @pytest.mark.parametrize("which", ["coreml_split", "coreml_original"])
 def test_every_package_matches_pytorch(which, request, tiny_sd15_dir):
+    """Every package at every batch size it declares (flexible UNets/ControlNets: 2 and 1)."""
     built = request.getfixturevalue(which)
     for key, comp in built.ctx.components.items():
-        inputs = tuple(cio.TensorInfo.from_manifest(t) for t in comp["inputs"])
-        example = cio.example_inputs(inputs, seed=0, vocab_size=49408)
-        out = _predict(built.out / comp["path"], [t.name for t in inputs], example)
-        reference = _reference(tiny_sd15_dir, key, example)
-        for t, ref in zip(comp["outputs"], reference, strict=True):
-            assert out[t["name"]].shape == ref.shape, (key, t["name"])
-            assert cio.psnr(ref, out[t["name"]]) >= FP16_COMPUTE_FLOOR_DB, (key, t["name"])
+        declared = tuple(cio.TensorInfo.from_manifest(t) for t in comp["inputs"])
+        for batch in comp.get("batch_sizes") or [declared[0].shape[0]]:
+            inputs = at_batch(declared, batch)
+            example = cio.example_inputs(inputs, seed=0, vocab_size=49408)
+            out = _predict(built.out / comp["path"], [t.name for t in inputs], example)
+            reference = _reference(tiny_sd15_dir, key, example)
+            for t, ref in zip(comp["outputs"], reference, strict=True):
+                assert out[t["name"]].shape == ref.shape, (key, batch, t["name"])
+                assert cio.psnr(ref, out[t["name"]]) >= FP16_COMPUTE_FLOOR_DB, (key, batch, t["name"])
 
 
 def test_controlnet_drives_the_controlled_unet(coreml_split):
@@ -65,7 +69,7 @@ def test_controlnet_drives_the_controlled_unet(coreml_split):
 
     unet = ct.models.MLModel(str(coreml_split.out / comps["controlled_unet"]["path"]))
     noise = unet.predict({**unet_inputs, **residuals})["noise_pred"]
-    assert noise.shape == tuple(comps["controlled_unet"]["outputs"][0]["shape"])
+    assert noise.shape == unet_inputs["sample"].shape
 
 
 def test_palettized_chunks_run_in_sequence(palettized_unet, coreml_original, tiny_sd15_dir):

@@ -94,6 +94,8 @@ def test_taesd_preview_comes_first_and_equals_run_with_the_tiny_vae(
         "preprocess",
         "text_encoder",
         "denoise",
+        "controlnet",  # the denoise split: where the step time went
+        "unet",
         "taesd_preview",
         "vae_decoder",
         "total",

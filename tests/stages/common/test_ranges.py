@@ -110,3 +110,38 @@ def test_quantize_reads_hard_linked_external_data(tmp_path: Path) -> None:
     onnx.load(str(copied))  # loads (the original would raise "potential hardlink attack")
     with pytest.raises(Exception, match="hard links"):
         onnx.load(str(src))
+
+
+def test_optional_inputs_are_fed_to_the_calibration(tmp_path: Path) -> None:
+    """An ONNX UNet's ControlNet residuals are optional inputs (zero-default initializers), which ONNX
+    Runtime lists as overridable initializers, not inputs: calibration feeds that carry them must reach
+    the graph, or the ranges would be those of the zero defaults."""
+    import onnx
+    from onnx import helper
+
+    from sdkiln.stages.common.onnx import ranges
+    from sdkiln.stages.common.onnx.defaults import add_zero_defaults
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "mid_block_additional_residual"], ["y"], name="add")],
+        "g",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info(
+                "mid_block_additional_residual", onnx.TensorProto.FLOAT, ["batch", 4]
+            ),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    add_zero_defaults(model, ["mid_block_additional_residual"])
+    path = tmp_path / "m" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    onnx.save(model, str(path))
+    x = np.zeros((1, 4), np.float32)
+    fed = ranges.minmax(
+        path, [{"x": x, "mid_block_additional_residual": np.full((1, 4), 5.0, np.float32)}], ["Add"]
+    )
+    unfed = ranges.minmax(path, [{"x": x}], ["Add"])
+    assert float(fed["y"][1]) == 5.0 and float(unfed["y"][1]) == 0.0

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from sdkiln.runtime.contract.errors import UserError
+from sdkiln.runtime.contract.floors import E2E_PSNR_DB
 from sdkiln.stages.tools import bench
 
 
@@ -162,7 +163,7 @@ def test_report_structure_and_same_run_ratios(bench_run: dict[str, Any]) -> None
     assert all(not r["recommendable"] and "not measured" in r["why_not"] for r in task["results"])
     assert rec["tasks"]["sketch"] == {"exact": None, "fast": None}
     onnx_run = next(r for r in task["results"] if r["variant"] == "onnx/fp32")
-    assert onnx_run["profile"] == "exact" and onnx_run["e2e_parity"]["floor_db"] == 40.0
+    assert onnx_run["profile"] == "exact" and onnx_run["e2e_parity"]["floor_db"] == E2E_PSNR_DB["fp32"]
     assert onnx_run["precisions"] == {
         "text_encoder": "fp32",
         "unet": "fp32",

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from sdkiln.runtime.contract.floors import E2E_PSNR_DB
 from sdkiln.stages.tools import bench
 
 pytest.importorskip("openvino", reason="the OpenVINO variants need the openvino extra")
@@ -122,7 +123,7 @@ def test_exact_and_fast_runs_and_the_picks(ov_run: dict[str, Any]) -> None:
     for name in ("onnx/fp32", "openvino/fp32", "openvino/int8"):
         r = runs[name]
         assert r["profile"] == "exact" and r["e2e_parity"]["floor_db"] == (
-            18.0 if name.endswith("int8") else 40.0
+            E2E_PSNR_DB["int8"] if name.endswith("int8") else E2E_PSNR_DB["fp32"]
         )
         assert r["e2e_parity"]["ok"] == (
             r["deviation"]["psnr_db"] is None or r["deviation"]["psnr_db"] >= r["e2e_parity"]["floor_db"]
