@@ -55,12 +55,13 @@ class ParityParams(StageParams):
 
 
 def run(ctx: StageContext) -> None:
+    import gc
+
     from sdkiln.runtime.load import open_section
     from sdkiln.runtime.parity import CASES, available_cases, compare, floor_for, run_case
 
     p: ParityParams = ctx.params
     ref_in = ctx.inputs["reference"]
-    reference = open_section(ref_in.path, ref_in.manifest, "torch", source=f"reference {ref_in.step_id}")
     candidates = {}
     for name in CANDIDATES:
         art = ctx.inputs.get(name)
@@ -73,38 +74,45 @@ def run(ctx: StageContext) -> None:
         floor = p.min_psnr_db.get(
             precision, floor_for(precision, [c.precision for c in art.manifest.components.values()])
         )
-        candidates[name] = (
-            label,
-            precision,
-            floor,
-            open_section(art.path, art.manifest, "onnx", provider="cpu"),
-        )
+        candidates[name] = (label, precision, floor, art)
 
+    # One model in memory at a time (real-size pipelines are several GB each): the reference renders
+    # every case first, then each candidate in turn, and is released before the next one loads.
+    reference = open_section(ref_in.path, ref_in.manifest, "torch", source=f"reference {ref_in.step_id}")
     cases = [replace(c, seed=p.seed) for c in available_cases(reference, CASES) if c.task in p.tasks]
     skipped = sorted(set(p.tasks) - {c.task for c in cases})
+    default_steps, default_size = reference.default_steps, reference.info.default_size[0]
     images = ctx.out_dir / "images"
     images.mkdir(parents=True)
+    refs = {}
+    for case in ctx.progress(cases, "reference", total=len(cases)):
+        with ctx.timed(f"{case.task}.reference.seconds"):
+            refs[case.task] = run_case(reference, case, steps=p.steps, size=p.size)
+        refs[case.task].images[0].save(images / f"{case.task}-reference.png")
+    del reference
+    gc.collect()
+
     report: dict[str, dict[str, dict[str, float]]] = {}
     failures: list[str] = []
-    for case in ctx.progress(cases, "parity", total=len(cases)):
-        with ctx.timed(f"{case.task}.reference.seconds"):
-            ref = run_case(reference, case, steps=p.steps, size=p.size)
-        ref.images[0].save(images / f"{case.task}-reference.png")
-        for label, _precision, floor, pipe in candidates.values():
+    for label, _precision, floor, art in candidates.values():
+        pipe = open_section(art.path, art.manifest, "onnx", provider="cpu")
+        for case in ctx.progress(cases, label, total=len(cases)):
             with ctx.timed(f"{case.task}.{label}.seconds"):
                 got = run_case(pipe, case, steps=p.steps, size=p.size)
             got.images[0].save(images / f"{case.task}-{label}.png")
-            m = compare(ref, got)
+            m = compare(refs[case.task], got)
             report.setdefault(case.task, {})[label] = {**m, "floor_db": floor}
             ctx.metrics[f"{case.task}.{label}.psnr_db"] = m["psnr_db"]
             ctx.metrics[f"{case.task}.{label}.ssim"] = m["ssim"]
             if m["psnr_db"] < floor:
                 failures.append(f"{case.task} on {label}: PSNR {m['psnr_db']:.2f} dB < floor {floor:.1f} dB")
+        del pipe
+        gc.collect()
     ctx.model = ref_in.model
     ctx.details.update(
         {
-            "steps": p.steps or reference.default_steps,
-            "size": p.size or reference.info.default_size[0],
+            "steps": p.steps or default_steps,
+            "size": p.size or default_size,
             "seed": p.seed,
             "candidates": {label: precision for label, precision, _, _ in candidates.values()},
             "skipped_tasks": skipped,

@@ -9,6 +9,7 @@ Recipe step::
         attention: split_einsum       # or original (best on the Mac GPU)
         minimum_deployment_target: iOS17
         compute_precision: fp16
+        vae_compute_precision: fp32   # SD 1.x/2.x VAEs; auto: fp32 only where fp16 would overflow
         height: 512                   # image pixels; the latent is height / 8
         width: 512
         # flexible_batch: true         # UNet/ControlNet take batch 1 and 2, declared as 2 (Swift reads 2)
@@ -64,6 +65,12 @@ class ExportCoremlParams(StageParams):
     )
     minimum_deployment_target: DeploymentTarget = "iOS17"
     compute_precision: Literal["fp16", "fp32"] = "fp16"
+    vae_compute_precision: Literal["auto", "fp16", "fp32"] = Field(
+        "auto",
+        description="VAE halves: fp32 where fp16 would overflow (SD 1.x/2.x and the original SDXL VAE); "
+        "auto: fp32 when the fp32 reference's largest activation on the parity input leaves less than "
+        "4x headroom below fp16's maximum, else compute_precision",
+    )
     height: int | None = Field(
         None, ge=64, le=2048, multiple_of=8, description="image pixels; default: family's"
     )
@@ -224,10 +231,13 @@ def convert_component(
     params: Any,
     metadata: dict[str, str],
     batch: Any = None,
+    precision: str | None = None,
 ) -> list[str]:
     """Trace ``module`` on ``example`` and convert it to an ML Program saved at ``out_path``, with the
-    batch of ``batch`` (a ``flexible.BatchPlan``; default: the plan's fixed shapes). Returns problems
-    found in the converted program (a flexible batch that did not survive conversion)."""
+    batch of ``batch`` (a ``flexible.BatchPlan``; default: the plan's fixed shapes), computing in
+    ``precision`` (default: ``params.compute_precision``). Returns problems found in the converted
+    program (a flexible batch that did not survive conversion)."""
+    precision = precision or params.compute_precision
     import coremltools as ct
     import numpy as np
     import torch
@@ -251,9 +261,7 @@ def convert_component(
         inputs=inputs,
         outputs=[ct.TensorType(name=n, dtype=np.float32) for n in plan.output_names],
         minimum_deployment_target=_targets()[params.minimum_deployment_target],
-        compute_precision=ct.precision.FLOAT16
-        if params.compute_precision == "fp16"
-        else ct.precision.FLOAT32,
+        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
         skip_model_load=True,  # Linux cannot load a model; packages are checked by reading them back
     )
     del traced
@@ -264,6 +272,55 @@ def convert_component(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     cio.save_package(mlmodel, out_path)
     return problems
+
+
+# fp16's largest finite value, and the headroom ``vae_compute_precision: auto`` wants below it.
+FP16_MAX = 65504.0
+FP16_HEADROOM = 4.0
+
+
+def peak_activation(module: Any, example: list[Any]) -> float:
+    """The largest magnitude any submodule of ``module`` outputs on ``example`` (fp32 reference run):
+    what fp16 compute must represent. The SDXL VAE's decoder exceeds fp16's range here; the fp16-fix
+    VAE was fine-tuned to stay inside it."""
+    import torch
+
+    peak = 0.0
+
+    def hook(_m: Any, _inp: Any, out: Any) -> None:
+        nonlocal peak
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                peak = max(peak, float(t.detach().abs().max()))
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak
+
+
+def vae_precision(
+    key: str, module: Any, example: list[Any], p: ExportCoremlParams, vae_config: dict[str, Any], fam: Any
+) -> tuple[str, float]:
+    """The compute precision of a VAE half and the peak activation it was chosen on. The decoder is
+    measured on latents of the size the pipeline feeds it (unit Gaussian divided by the scaling
+    factor); an explicit fp16 whose peak overflows fp16 is a UserError."""
+    scale = float(vae_config.get("scaling_factor", fam.vae_scaling_factor))
+    probe = [example[0] / scale] if key == "vae_decoder" else example
+    peak = peak_activation(module, probe)
+    choice = p.vae_compute_precision
+    if choice == "auto":
+        choice = "fp32" if peak * FP16_HEADROOM > FP16_MAX else p.compute_precision
+    if choice == "fp16" and peak > FP16_MAX:
+        raise UserError(
+            f"vae_compute_precision: fp16 overflows this VAE (peak activation {peak:.0f} > {FP16_MAX:.0f}); "
+            "use fp32 or an fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL)"
+        )
+    return choice, peak
 
 
 def run(ctx: StageContext) -> None:
@@ -333,11 +390,17 @@ def run(ctx: StageContext) -> None:
         plan, example, reference = cases[0]
         module = cio.build_module(key, model, p.attention, added_cond)
         heads = count_heads(module)
+        precision = p.compute_precision
+        if key.startswith("vae_"):
+            precision, peak = vae_precision(key, module, example, p, configs["vae"], fam)
+            ctx.metrics[f"{key}.peak_activation"] = round(peak, 2)
+            ctx.metrics[f"{key}.compute_precision"] = precision
         t0 = time.perf_counter()
         problems = convert_component(
             module, plan, example, package, p,
             {"sdkiln.component": key, "sdkiln.attention": p.attention, "sdkiln.family": fam.name},
             bplan,
+            precision,
         )  # fmt: skip
         convert_s = time.perf_counter() - t0
         del module, model
@@ -412,6 +475,12 @@ def run(ctx: StageContext) -> None:
             "attention": p.attention,
             "minimum_deployment_target": p.minimum_deployment_target,
             "compute_precision": p.compute_precision,
+            "vae_compute_precision": {
+                k: ctx.metrics[f"{k}.compute_precision"] for k in keys if k.startswith("vae_")
+            },
+            "vae_peak_activation": {
+                k: ctx.metrics[f"{k}.peak_activation"] for k in keys if k.startswith("vae_")
+            },
             "batch": batch,
             "batch_sizes": list(unet_batch.sizes),
             "batch_flexibility": unet_batch.mode,
@@ -435,8 +504,8 @@ def _controlnet_config(folder: Path, key: str) -> dict[str, Any]:
 STAGE = Stage(
     name="export_coreml",
     # 2: packages saved reproducibly (common.coreml.io.normalize_package); 3: UNet/ControlNet take batch 1
-    # and 2 (flexible_batch)
-    version="3",
+    # and 2 (flexible_batch); 4: VAE compute precision (vae_compute_precision)
+    version="4",
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.COREML,
     params=ExportCoremlParams,

@@ -217,6 +217,10 @@ def run(ctx: StageContext) -> None:
             raise BuildError(f"{comp.key}: {p.exporter} export failed: {type(e).__name__}: {e}") from e
         model = ou.load_model(raw)
         expected = comp.spec(static_axes)
+        unused = ou.restore_unused_inputs(model, expected)
+        if unused:
+            logger.info("%s: the model reads none of %s; kept as unused graph inputs", comp.key, unused)
+            ctx.details.setdefault("unused_inputs", {})[comp.key] = unused
         ou.set_io_shapes(model, expected)
         prec = oc.component_precision(comp.kind, p.precision, p.vae_precision)
         if prec == "fp16":
@@ -299,8 +303,8 @@ def _rmtree(path: Any) -> None:
 STAGE = Stage(
     name="export_onnx",
     # 2: diffusers' pipeline calls replayed as a reference (issue 12); 3: the UNet's ControlNet residual
-    # inputs are optional (zero defaults)
-    version="3",
+    # inputs are optional (zero defaults); 4: contract inputs a component ignores stay as unused inputs
+    version="4",
     inputs={"model": (Kind.PIPELINE,)},
     output_kind=Kind.ONNX,
     params=ExportOnnxParams,

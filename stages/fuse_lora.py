@@ -10,8 +10,10 @@ Recipe example::
           - {source: hub, repo: latent-consistency/lcm-lora-sdv1-5, kind: lcm, scale: 1.0}
           - {source: local, path: loras/ink.safetensors, scale: 0.6}
 
-Each LoRA file (diffusers/PEFT keys ``...lora_A/lora_B`` or kohya keys ``lora_unet_..._lora_down``)
-goes through diffusers' own loader as a named adapter with its scale. The output of the UNet (and of
+Each LoRA file (diffusers/PEFT keys ``...lora_A/lora_B`` or kohya keys ``lora_unet_..._lora_down`` with
+``.alpha``, as LCM-LoRA ships them: convs, projections and time-embedding layers included) goes through
+diffusers' own loader as a named adapter with its scale. A key that names no layer of the model is an
+error naming that key (``common.torch.lora.unmatched_keys``), before anything is loaded. The output of the UNet (and of
 every text encoder the LoRAs touch) with the adapters active is the reference; the adapters are then
 fused and unloaded, and the fused model must match that reference within the family's tolerance
 (``Tolerance.lora_fuse_*``), or the step fails. The saved UNet has no LoRA keys (checked on disk).
@@ -20,7 +22,9 @@ An ``lcm`` LoRA switches the scheduler to LCMScheduler and marks the artifact ``
 
 The ``preset`` source builds a seeded random LoRA in the requested key format (``peft`` or ``kohya``)
 for the input model's architecture, writes it as a safetensors file and loads it through the same path
-as real files: this exercises fusion offline on the tiny presets. Its ``lora_B``/``lora_up`` weights are
+as real files: this exercises fusion offline on the tiny presets. ``layers: lcm-lora`` adapts what the
+public LCM-LoRAs adapt (UNet only, ResNet convs, shortcuts, time-embedding projections and resampler
+convs included). Its ``lora_B``/``lora_up`` weights are
 random, not zero, so the LoRA changes the outputs and the parity check means something.
 """
 
@@ -74,6 +78,8 @@ class LoraSpec(StageParams):
     rank: int = Field(default=4, ge=1, le=128)
     seed: int = Field(default=0, ge=0)
     text_encoder: bool = True
+    # "lcm-lora": the layers the public LCM-LoRAs adapt (UNet only, convs and time embeddings included)
+    layers: Literal["default", "lcm-lora"] = "default"
     allow_pickle: bool = False
 
     @model_validator(mode="after")
@@ -89,8 +95,10 @@ class LoraSpec(StageParams):
         if self.source == "preset":
             if self.format == "auto":
                 raise ValueError("a preset LoRA needs format 'peft' or 'kohya'")
-        elif (self.rank, self.seed, self.text_encoder) != (4, 0, True):
-            raise ValueError("'rank', 'seed' and 'text_encoder' apply to source 'preset' only")
+        elif (self.rank, self.seed, self.text_encoder, self.layers) != (4, 0, True, "default"):
+            raise ValueError("'rank', 'seed', 'text_encoder' and 'layers' apply to source 'preset' only")
+        if self.layers == "lcm-lora" and "text_encoder" in self.model_fields_set and self.text_encoder:
+            raise ValueError("layers 'lcm-lora' adapt the UNet only; leave out 'text_encoder'")
         return self
 
 
@@ -163,13 +171,20 @@ def _targets(module: Any, names: tuple[str, ...]) -> list[tuple[str, Any]]:
 
 
 def make_preset_lora(
-    unet: Any, text_encoders: list[Any], fmt: str, rank: int = 4, seed: int = 0, alpha: float | None = None
+    unet: Any,
+    text_encoders: list[Any],
+    fmt: str,
+    rank: int = 4,
+    seed: int = 0,
+    alpha: float | None = None,
+    unet_targets: tuple[str, ...] = PRESET_UNET_TARGETS,
 ) -> dict[str, Any]:
     """A seeded random LoRA state dict for these modules, in ``peft`` (diffusers) or ``kohya`` keys.
 
     Both factors are random (a trained LoRA's up-projection is not zero either), sized so the LoRA
     moves each weight by roughly a tenth of its own scale. ``alpha`` (kohya only, default rank / 2)
-    exercises the alpha scaling of the kohya path.
+    exercises the alpha scaling of the kohya path. ``unet_targets``: module name suffixes adapted in
+    the UNet (``lora.LCM_LORA_UNET_TARGETS``: what LCM-LoRA adapts).
     """
     import torch
 
@@ -178,7 +193,7 @@ def make_preset_lora(
     alpha = float(rank) / 2 if alpha is None else alpha
     te_prefixes = KOHYA_TE_PREFIX[len(text_encoders)] if text_encoders else ()
     te_names = ("text_encoder", "text_encoder_2")
-    groups = [("unet", "lora_unet", unet, PRESET_UNET_TARGETS)]
+    groups = [("unet", "lora_unet", unet, unet_targets)]
     groups += [(te_names[i], te_prefixes[i], te, PRESET_TEXT_TARGETS) for i, te in enumerate(text_encoders)]
     for peft_prefix, kohya_prefix, module, names in groups:
         for name, m in _targets(module, names):
@@ -211,11 +226,22 @@ def _lora_file(ctx: StageContext, i: int, lo: LoraSpec, loaded: Any) -> tuple[Pa
     from sdkiln.stages.common import hub
 
     if lo.source == "preset":
-        tes = [getattr(loaded.pipe, te) for te in loaded.family.text_encoders] if lo.text_encoder else []
-        sd = make_preset_lora(loaded.pipe.unet, tes, lo.format, rank=lo.rank, seed=lo.seed)
+        from sdkiln.stages.common.torch.lora import LCM_LORA_UNET_TARGETS
+
+        lcm_layers = lo.layers == "lcm-lora"
+        tes = [getattr(loaded.pipe, te) for te in loaded.family.text_encoders]
+        sd = make_preset_lora(
+            loaded.pipe.unet,
+            tes if lo.text_encoder and not lcm_layers else [],
+            lo.format,
+            rank=lo.rank,
+            seed=lo.seed,
+            unet_targets=LCM_LORA_UNET_TARGETS if lcm_layers else PRESET_UNET_TARGETS,
+        )
         path = ctx.work_dir / f"preset_lora_{i}.safetensors"
         save_file(sd, str(path))
-        return path, {"source": "preset", "format": lo.format, "rank": lo.rank, "seed": lo.seed}
+        record = {"source": "preset", "format": lo.format, "rank": lo.rank, "seed": lo.seed}
+        return path, record | ({"layers": lo.layers} if lcm_layers else {})
     if lo.source == "local":
         path = (ctx.recipe_dir / lo.path).resolve()
         if not path.is_file():
@@ -299,6 +325,7 @@ def run(ctx: StageContext) -> None:
     from sdkiln.runtime.contract.families import SCHEDULERS
     from sdkiln.runtime.contract.floors import tolerance
     from sdkiln.runtime.contract.metrics import compare
+    from sdkiln.stages.common.torch.lora import unmatched_keys
     from sdkiln.stages.common.torch.pipeline import (
         describe_pipeline,
         open_pipeline,
@@ -327,6 +354,16 @@ def run(ctx: StageContext) -> None:
                 raise UserError(f"params.loras.{i}.format: {lo.format!r} but the file has {fmt!r} keys")
             name = f"lora{i}"
             n_keys, n_modules = len(sd), count_lora_modules(list(sd))
+            parts = {"unet": pipe.unet, **{te: getattr(pipe, te, None) for te in fam.text_encoders}}
+            unmatched = unmatched_keys(list(sd), parts)
+            if unmatched:
+                shown = ", ".join(unmatched[:5]) + (
+                    f" (+{len(unmatched) - 5} more)" if len(unmatched) > 5 else ""
+                )
+                raise UserError(
+                    f"params.loras.{i}: {len(unmatched)} key(s) of {path.name} match no layer of this {family} "
+                    f"model: {shown}; wrong model family, or a LoRA for another architecture"
+                )
             pipe.load_lora_weights(sd, adapter_name=name)  # consumes sd
             loaded_unet = _adapter_count(pipe.unet, name)
             n_loaded = loaded_unet + sum(

@@ -168,11 +168,16 @@ def _download_pipeline(ctx: StageContext, p: LoadPipelineParams) -> tuple[Path, 
     present = {f.split("/")[0] for f in files if "/" in f}
     overridden = set(p.components)
     folders = [f for f in PIPELINE_FOLDERS if f in present and f not in overridden]
-    needed = hub.select_files(files, folders, p.variant, p.allow_pickle, p.repo)
-    ctx.log.info("%s@%s: downloading %d files", p.repo, sha[:10], len(needed))
-    snapshot = hub.download(p.repo, sha, needed)
-    variant = hub.variant_in(needed, p.variant)
-    return snapshot, {"source": "hub", "repo": p.repo, "revision": p.revision, "sha": sha, "variant": variant}
+    got = hub.fetch(p.repo, sha, folders, p.variant, p.allow_pickle)
+    variant = hub.variant_in(got.files, p.variant)
+    return got.snapshot, {
+        "source": "hub",
+        "repo": p.repo,
+        "revision": p.revision,
+        "sha": sha,
+        "variant": variant,
+        "files": list(got.files),
+    }
 
 
 def _load_base(
@@ -217,11 +222,10 @@ def _load_override(
     from sdkiln.stages.common import hub
 
     sha = _pinned(ctx, role, comp.repo, comp.revision)
-    files = hub.list_files(comp.repo, sha)
-    needed = hub.select_files(
-        files, [comp.subfolder] if comp.subfolder else None, comp.variant, p.allow_pickle, comp.repo
+    got = hub.fetch(
+        comp.repo, sha, [comp.subfolder] if comp.subfolder else None, comp.variant, p.allow_pickle
     )
-    snapshot = hub.download(comp.repo, sha, needed)
+    snapshot, needed = got.snapshot, got.files
     base_role = role.split(".")[0]
     fam = get_family(family)
     cls_name = ROLE_CLASS.get(base_role) or fam.components[role].model_class
@@ -237,6 +241,8 @@ def _load_override(
         "revision": comp.revision,
         "sha": sha,
         "subfolder": comp.subfolder,
+        "variant": hub.variant_in(needed, comp.variant),
+        "files": list(needed),
     }
 
 
@@ -328,7 +334,7 @@ def _bundle_dir(params: LoadPipelineParams) -> str | None:
 
 STAGE = Stage(
     name="load_pipeline",
-    version="2",  # 2: configs carry no _name_or_path (a path of the machine that built it)
+    version="3",  # 2: configs carry no _name_or_path; 3: per-folder variant fallback, index-driven shards
     inputs={},
     output_kind=Kind.PIPELINE,
     params=LoadPipelineParams,

@@ -313,6 +313,10 @@ FAMILIES: dict[str, Family] = {
             "controlnet.canny": HubModel("lllyasviel/control_v11p_sd15_canny"),
             "vae_tiny": HubModel("madebyollin/taesd"),
             "lcm_lora": HubModel("latent-consistency/lcm-lora-sdv1-5"),
+            # Distilled small SD 1.5 UNets (one layer per down block: ``layers_per_block: 1`` in their
+            # configs), same I/O and family: the difference is data in the UNet config.
+            "small": HubModel("segmind/small-sd"),
+            "small_v0": HubModel("OFA-Sys/small-stable-diffusion-v0"),
         },
     ),
     "sd-turbo": Family(

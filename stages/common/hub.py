@@ -4,7 +4,8 @@
   ref when offline; a clear UserError naming the repo when neither works).
 - ``download(repo, sha, files)``: exactly those files, from that commit, into the HF cache.
 - ``select_files``: which files of a repo a diffusers pipeline or model needs (safetensors, the
-  requested variant), refusing pickle checkpoints unless allowed.
+  requested variant per model folder with a fallback to its default weights, sharded indexes), refusing
+  pickle checkpoints unless allowed; ``fetch``: select, read the indexes, download only those files.
 
 The endpoint is ``HF_ENDPOINT`` read at call time (huggingface_hub reads it once, at import), so a
 mirror or private hub set in the environment is always honoured; ``endpoint=`` overrides it.
@@ -16,6 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sdkiln.runtime.contract.errors import UserError
@@ -145,31 +147,42 @@ def refuse_pickles(folder: Path, allow_pickle: bool, what: str) -> None:
         raise UserError(f"{what}: refusing pickle checkpoint(s) {names}: {PICKLE_RISK}")
 
 
-def _weight_files(folder_files: list[str], variant: str | None) -> list[str]:
-    """The weight files of one model folder for a variant (``fp16`` ...), safetensors preferred.
+# Weight file names diffusers and transformers load: ``<stem>[.<variant>][-00001-of-00002].<ext>`` and
+# sharded indexes ``<stem>.<ext>.index[.<variant>].json`` (older diffusers: ``<stem>.<variant>.<ext>.index.json``).
+# Repos also carry other checkpoints (``v1-5-pruned.safetensors``, ``sdxl_vae.safetensors``,
+# ``taesd_decoder.safetensors``, ``openvino_model.bin``): their stems are not these, so they are never taken.
+WEIGHT_STEMS = ("diffusion_pytorch_model", "pytorch_model", "model")
+_STEM = "|".join(WEIGHT_STEMS)
+_WEIGHT_RE = re.compile(
+    rf"^(?P<stem>{_STEM})(?:\.(?P<variant>\w+))?(?:-(?P<shard>\d+-of-\d+))?\.(?P<ext>safetensors|bin)$"
+)
+_INDEX_RE = re.compile(rf"^(?P<stem>{_STEM})\.(?P<ext>safetensors|bin)\.index(?:\.(?P<variant>\w+))?\.json$")
+_OLD_INDEX_RE = re.compile(rf"^(?P<stem>{_STEM})\.(?P<variant>\w+)\.(?P<ext>safetensors|bin)\.index\.json$")
 
-    Single files (``model.safetensors``, ``diffusion_pytorch_model.fp16.safetensors``) and sharded ones
-    (an ``*.index.json`` plus its shards) are both handled.
+
+def weight_file(name: str) -> tuple[str, str | None, str, str] | None:
+    """``(stem, variant, ext, role)`` of a weight file name (role ``single``, ``shard`` or ``index``),
+    or None when it is not a file diffusers/transformers would load as model weights.
+
+    >>> weight_file("diffusion_pytorch_model.fp16-00001-of-00002.safetensors")
+    ('diffusion_pytorch_model', 'fp16', 'safetensors', 'shard')
     """
+    name = name.rsplit("/", 1)[-1]
+    if m := _WEIGHT_RE.match(name):
+        return m["stem"], m["variant"], m["ext"], "shard" if m["shard"] else "single"
+    for regex in (_INDEX_RE, _OLD_INDEX_RE):
+        if m := regex.match(name):
+            return m["stem"], m["variant"], m["ext"], "index"
+    return None
 
-    def is_variant(name: str) -> bool:
-        # name.<variant>.safetensors, name.<variant>-00001-of-00002.safetensors, ....safetensors.index.json
-        parts = name.split(".")
-        tag = parts[1].split("-")[0] if len(parts) >= 3 else None
-        return tag == variant if variant else tag is None or tag in ("safetensors", "bin")
 
-    def is_model_file(name: str) -> bool:
-        # Only the names diffusers/transformers load; repos also carry other checkpoints (v1-5-pruned...).
-        stem = name.split(".")[0].split("-0")[0]
-        return stem in ("model", "diffusion_pytorch_model")
-
-    picked = []
-    for ext in (".safetensors", ".safetensors.index.json"):
-        for f in folder_files:
-            name = f.split("/")[-1]
-            if name.endswith(ext) and is_model_file(name) and is_variant(name):
-                picked.append(f)
-    return picked
+def _weight_files(folder_files: list[str], variant: str | None, ext: str) -> list[str]:
+    """The weights of one model folder in one format and variant (None: the default weights): the
+    single file(s), else the sharded index (its shards are read from it: ``shards_of``)."""
+    parsed = [(f, weight_file(f)) for f in folder_files]
+    ours = [(f, w) for f, w in parsed if w is not None and w[2] == ext and w[1] == variant]
+    singles = [f for f, w in ours if w[3] == "single"]
+    return singles or [f for f, w in ours if w[3] == "index"]
 
 
 def select_files(
@@ -180,13 +193,19 @@ def select_files(
     repo: str,
 ) -> list[str]:
     """The files needed to load ``subfolders`` of a repo (``None``: the repo root is one model; ``[]``
-    would mean config files only): configs, tokenizer files, and each model's weights of ``variant``.
+    would mean config files only): configs, tokenizer files, and each model's weights.
 
-    A model folder with only pickle weights is refused unless ``allow_pickle`` (then its ``.bin`` files
-    of that variant are taken). Raises UserError naming what is missing.
+    Per model folder, the first of: safetensors of ``variant``, default safetensors, and only with
+    ``allow_pickle`` the same two in ``.bin``; so a folder without the variant falls back to its default
+    weights on its own. A sharded model contributes its index file here; the shards it lists are added
+    by ``shards_of`` once the index is read (``fetch``). Other variants (``non_ema``), root single-file
+    checkpoints and folders not asked for (safety checker, feature extractor) are never selected. A
+    folder with only pickle weights is refused unless ``allow_pickle``; UserErrors name what is missing.
     """
     chosen: list[str] = [f for f in all_files if f in CONFIG_FILES]
     folders = [""] if subfolders is None else list(subfolders)
+    exts = ("safetensors", "bin") if allow_pickle else ("safetensors",)
+    variants = (variant, None) if variant else (None,)
     for sub in folders:
         prefix = f"{sub}/" if sub else ""
         here = [f for f in all_files if f.startswith(prefix) and "/" not in f[len(prefix) :]]
@@ -194,31 +213,88 @@ def select_files(
         if sub.startswith("tokenizer") or sub == "scheduler":
             chosen += [f for f in here if f.endswith((".json", ".txt", ".model"))]
             continue
-        weights = _weight_files(here, variant)
-        if not weights and variant:
-            # Many repos ship fp16 only as a variant and fp32 as the default, or only the default.
-            weights = _weight_files(here, None)
+        weights: list[str] = []
+        for ext in exts:
+            for v in variants:
+                weights = weights or _weight_files(here, v, ext)
         if not weights:
             pickles = [
-                f
-                for f in here
-                if is_pickle(f)
-                and f.split("/")[-1].split(".")[0] in ("model", "diffusion_pytorch_model", "pytorch_model")
+                f for f in here if (w := weight_file(f)) is not None and w[2] == "bin" and w[1] in variants
             ]
-            if pickles and not allow_pickle:
+            if pickles:
                 raise UserError(
                     f"{repo}: {prefix or 'the repo root'} has only pickle weights ({pickles[0]}): {PICKLE_RISK}"
                 )
-            if not pickles:
-                raise UserError(f"{repo}: no weights found in {prefix or 'the repo root'}")
-            weights = pickles
+            found = sorted({w[1] or "default" for f in here if (w := weight_file(f)) is not None})
+            also = f" (it has only the {', '.join(found)} variant weights)" if found else ""
+            raise UserError(f"{repo}: no weights found in {prefix or 'the repo root'}{also}")
         chosen += weights
     return sorted(set(chosen))
 
 
+def is_index(path: str) -> bool:
+    """Whether a file is a sharded checkpoint's index (``*.safetensors.index[.fp16].json``)."""
+    w = weight_file(path)
+    return w is not None and w[3] == "index"
+
+
+def shards_of(index_path: Path, rel: str, all_files: list[str], repo: str) -> list[str]:
+    """The shard files a downloaded index lists (``weight_map`` values), as repo paths beside ``rel``;
+    a UserError when the index is unreadable or names a shard the repo does not have."""
+    import json
+
+    try:
+        weight_map = json.loads(Path(index_path).read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{repo}: unreadable sharded-weights index {rel} ({e})") from e
+    folder = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+    shards = [f"{folder}{n}" for n in names]
+    missing = [s for s in shards if s not in all_files]
+    if missing or not shards:
+        raise UserError(f"{repo}: index {rel} lists shards the repo does not have: {missing or 'none'}")
+    return shards
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What ``fetch`` downloaded: the local snapshot folder and the repo paths in it."""
+
+    snapshot: Path
+    files: tuple[str, ...]
+
+
+def fetch(
+    repo: str,
+    sha: str,
+    subfolders: Iterable[str] | None,
+    variant: str | None,
+    allow_pickle: bool,
+    endpoint_url: str | None = None,
+) -> Fetched:
+    """List a repo at a commit, select what loading ``subfolders`` needs (``select_files``), read any
+    sharded index first and add exactly the shards it lists, then download all of it (nothing else).
+
+    Example::
+
+        got = fetch("stabilityai/sdxl-vae", sha, None, "fp16", allow_pickle=False)
+        AutoencoderKL.from_pretrained(got.snapshot, variant=variant_in(got.files, "fp16"))
+    """
+    all_files = list_files(repo, sha, endpoint_url)
+    needed = select_files(all_files, subfolders, variant, allow_pickle, repo)
+    indexes = [f for f in needed if is_index(f)]
+    if indexes:
+        snap = download(repo, sha, indexes, endpoint_url)
+        for rel in indexes:
+            needed += shards_of(snap / rel, rel, all_files, repo)
+    logger.info("%s@%s: downloading %d of its %d files", repo, sha[:10], len(set(needed)), len(all_files))
+    return Fetched(download(repo, sha, needed, endpoint_url), tuple(sorted(set(needed))))
+
+
 def variant_in(files: Iterable[str], variant: str | None) -> str | None:
-    """``variant`` if any of ``files`` is of that variant (else None: the default weights were taken)."""
-    if variant and any(f".{variant}." in f or f".{variant}-" in f for f in files):
+    """``variant`` if any weight file of ``files`` is of that variant (else None: the default weights
+    were taken everywhere)."""
+    if variant and any((w := weight_file(f)) is not None and w[1] == variant for f in files):
         return variant
     return None
 

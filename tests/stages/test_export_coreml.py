@@ -357,3 +357,44 @@ def test_a_batch_baked_into_the_program_is_caught():
         problems[type(module).__name__] = program_problems(mlmodel, plan)
     assert problems["Follows"] == []
     assert len(problems["Baked"]) == 1 and "static" in problems["Baked"][0]
+
+
+def _scaled(gain: float):
+    """A module whose largest activation is ``gain`` times its input's (a VAE half stand-in)."""
+    import torch
+
+    class Mul(torch.nn.Module):
+        def forward(self, x):
+            return x * gain
+
+    return torch.nn.Sequential(torch.nn.Identity(), Mul())
+
+
+@pytest.mark.parametrize(
+    ("gain", "asked", "want"),
+    [(1.0, "auto", "fp16"), (1e4, "auto", "fp32"), (1e4, "fp16", "fp16"), (1e4, "fp32", "fp32")],
+)
+def test_vae_compute_precision_follows_the_measured_peak(gain, asked, want):
+    """auto: fp32 once the fp32 run's peak leaves less than 4x headroom below fp16's maximum; the decoder
+    is probed with latents divided by the VAE's scaling factor, as the pipeline feeds it."""
+    import torch
+
+    from sdkiln.stages.export_coreml import FP16_MAX, vae_precision
+
+    fam = get_family("sd15")
+    p = ExportCoremlParams(vae_compute_precision=asked)
+    x = torch.ones(1, 4, 8, 8)
+    got, peak = vae_precision("vae_decoder", _scaled(gain), [x], p, {"scaling_factor": 0.5}, fam)
+    assert peak == pytest.approx(gain / 0.5)
+    assert got == want
+    assert (peak * 4 > FP16_MAX) == (gain > 1)
+
+
+def test_vae_fp16_that_overflows_is_a_user_error():
+    import torch
+
+    from sdkiln.stages.export_coreml import vae_precision
+
+    p = ExportCoremlParams(vae_compute_precision="fp16")
+    with pytest.raises(UserError, match="vae_compute_precision: fp16 overflows this VAE.*fp16-fix"):
+        vae_precision("vae_encoder", _scaled(1e5), [torch.ones(1, 3, 8, 8)], p, {}, get_family("sdxl"))

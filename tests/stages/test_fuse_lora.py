@@ -84,9 +84,13 @@ def test_params():
     with pytest.raises(ValidationError, match="needs format 'peft' or 'kohya'"):
         FuseLoraParams.model_validate({"loras": [{"source": "preset"}]})
     with pytest.raises(
-        ValidationError, match="'rank', 'seed' and 'text_encoder' apply to source 'preset' only"
+        ValidationError, match="'rank', 'seed', 'text_encoder' and 'layers' apply to source 'preset' only"
     ):
         FuseLoraParams.model_validate({"loras": [{"source": "hub", "repo": "a/b", "rank": 8}]})
+    with pytest.raises(ValidationError, match="'lcm-lora' adapt the UNet only"):
+        FuseLoraParams.model_validate(
+            {"loras": [{"source": "preset", "format": "kohya", "layers": "lcm-lora", "text_encoder": True}]}
+        )
     p = FuseLoraParams.model_validate(
         {"loras": [{"source": "hub", "repo": "latent-consistency/lcm-lora-sdxl"}]}
     )
@@ -115,5 +119,96 @@ def test_lora_modules_that_match_nothing_are_an_error(make_ctx, tiny_sd15_artifa
     ctx = make_ctx(
         STAGE, {"loras": [{"source": "local", "path": str(path)}]}, inputs={"model": tiny_sd15_artifact}
     )
-    with pytest.raises(UserError, match="only 1 of the 2 LoRA modules in half.safetensors matched"):
+    with pytest.raises(UserError, match=f"2 key\\(s\\) of half.safetensors match no layer.*{bogus}.lora_A"):
         STAGE.run(ctx)
+
+
+def _lcm_lora_file(unet, path, seed=0, extra=None):
+    """A LoRA in the format of the public LCM-LoRAs: kohya keys on diffusers module names, UNet only,
+    convs, shortcuts, time-embedding projections and resampler convs included, fp16, ``.alpha``."""
+    import torch
+
+    from sdkiln.stages.common.torch.lora import LCM_LORA_UNET_TARGETS
+    from sdkiln.stages.fuse_lora import make_preset_lora
+
+    sd = make_preset_lora(unet, [], "kohya", rank=4, seed=seed, unet_targets=LCM_LORA_UNET_TARGETS)
+    sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()} | (extra or {})
+    save_file(sd, str(path))
+    return sd
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_kohya_lcm_lora_with_convs_and_time_embeddings_fuses(family, make_ctx, request, tmp_path):
+    from sdkiln.stages.common.torch.pipeline import open_pipeline
+
+    model = request.getfixturevalue(f"tiny_{family}_artifact")
+    unet = open_pipeline(model.path, family=family).pipe.unet
+    sd = _lcm_lora_file(unet, tmp_path / "pytorch_lora_weights.safetensors")
+    layers = {k.split(".")[0] for k in sd}
+    assert any(k.endswith("_time_emb_proj") for k in layers) and any(
+        k.endswith("_conv_shortcut") for k in layers
+    )
+    assert any("downsamplers_0_conv" in k for k in layers) and any("upsamplers_0_conv" in k for k in layers)
+    assert "alpha" in {k.rsplit(".", 1)[1] for k in sd}
+    params = {
+        "loras": [
+            {"source": "local", "path": str(tmp_path / "pytorch_lora_weights.safetensors"), "kind": "lcm"}
+        ]
+    }
+    ctx = make_ctx(STAGE, params, inputs={"model": model})
+    STAGE.run(ctx)
+    tol = tolerance("unet")
+    assert ctx.metrics["parity.unet.max_abs"] <= tol.lora_fuse_max_abs
+    assert ctx.metrics["parity.unet.cosine"] >= tol.lora_fuse_min_cosine
+    assert ctx.metrics["lora_effect.unet.max_abs"] > 100 * max(ctx.metrics["parity.unet.max_abs"], 1e-6)
+    record = ctx.model.loras[-1]
+    assert record["format"] == "kohya" and record["modules"] == len(layers)  # every layer landed
+    assert ctx.model.lcm is True
+
+
+def test_kohya_key_for_no_layer_exits_2_naming_it(tiny_sd15_dir, tmp_path, capsys):
+    """Through the CLI: a LoRA with one key that names no layer of the model is exit 2, the key named."""
+    import torch
+
+    from sdkiln.stages.cli import main
+    from sdkiln.stages.common.torch.pipeline import open_pipeline
+
+    unet = open_pipeline(tiny_sd15_dir, family="sd15").pipe.unet
+    bogus = "lora_unet_down_blocks_0_resnets_0_conv_bogus"
+    extra = {
+        f"{bogus}.lora_down.weight": torch.zeros(4, 32, 3, 3, dtype=torch.float16),
+        f"{bogus}.lora_up.weight": torch.zeros(32, 4, 1, 1, dtype=torch.float16),
+        f"{bogus}.alpha": torch.tensor(4.0, dtype=torch.float16),
+    }
+    _lcm_lora_file(unet, tmp_path / "lcm.safetensors", extra=extra)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\nsteps:\n"
+        f"  - {{id: base, stage: load_pipeline, params: {{source: local, path: '{tiny_sd15_dir}', family: sd15}}}}\n"
+        "  - {id: fused, stage: fuse_lora, inputs: {model: base}, params: {loras: [{source: local, path: lcm.safetensors}]}}\n"
+    )
+    rc = main(["--artifacts", str(tmp_path / "artifacts"), "build", str(recipe)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{bogus}.lora_down.weight" in err and "match no layer" in err
+    assert "Traceback" not in err
+
+
+def test_unmatched_keys_names_parts_the_model_lacks(tiny_sd15_dir):
+    from sdkiln.stages.common.torch.lora import unmatched_keys
+    from sdkiln.stages.common.torch.pipeline import open_pipeline
+
+    pipe = open_pipeline(tiny_sd15_dir, family="sd15").pipe
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    keys = [
+        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight",  # a real layer
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha",  # a real text-encoder layer
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha",  # SD 1.5 has no second encoder
+        "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",  # SD block names: diffusers maps those
+        "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight",
+        "unet.down_blocks.1.attentions.0.proj_nope.lora_B.weight",
+    ]
+    assert unmatched_keys(keys, parts) == [
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+        "unet.down_blocks.1.attentions.0.proj_nope.lora_B.weight",
+    ]

@@ -150,31 +150,50 @@ def test_offline_hub_uses_the_cached_ref(monkeypatch, tmp_path):
     assert hub.resolve_revision("a/b", "main") == "1" * 40
 
 
+# The public SD 1.5 repo's listing (all 36 paths; tests/support/real_repos.py serves it at tiny size).
 SD15_FILES = [
+    ".gitattributes",
+    "README.md",
+    "feature_extractor/preprocessor_config.json",
     "model_index.json",
-    "v1-5-pruned.safetensors",
-    "v1-5-pruned.ckpt",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "unet/diffusion_pytorch_model.fp16.safetensors",
-    "unet/diffusion_pytorch_model.non_ema.safetensors",
-    "unet/diffusion_pytorch_model.bin",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "text_encoder/model.fp16.safetensors",
-    "text_encoder/pytorch_model.bin",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/tokenizer_config.json",
-    "scheduler/scheduler_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.fp16.safetensors",
     "safety_checker/model.safetensors",
+    "safety_checker/pytorch_model.bin",
+    "safety_checker/pytorch_model.fp16.bin",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "text_encoder/pytorch_model.fp16.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.bin",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "v1-5-pruned-emaonly.ckpt",
+    "v1-5-pruned-emaonly.safetensors",
+    "v1-5-pruned.ckpt",
+    "v1-5-pruned.safetensors",
+    "v1-inference.yaml",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.bin",
+    "vae/diffusion_pytorch_model.fp16.bin",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
 ]
+FOLDERS = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
 
 
 def test_select_files_takes_only_what_is_needed():
-    got = hub.select_files(
-        SD15_FILES, ["unet", "text_encoder", "tokenizer", "scheduler"], None, False, "r/sd"
-    )
+    got = hub.select_files(SD15_FILES, FOLDERS, None, False, "r/sd")
     assert got == sorted(
         [
             "model_index.json",
@@ -182,31 +201,101 @@ def test_select_files_takes_only_what_is_needed():
             "text_encoder/config.json",
             "text_encoder/model.safetensors",
             "tokenizer/merges.txt",
+            "tokenizer/special_tokens_map.json",
             "tokenizer/tokenizer_config.json",
             "tokenizer/vocab.json",
             "unet/config.json",
             "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
         ]
     )
-    fp16 = hub.select_files(SD15_FILES, ["unet", "text_encoder"], "fp16", False, "r/sd")
-    assert "unet/diffusion_pytorch_model.fp16.safetensors" in fp16
-    assert "unet/diffusion_pytorch_model.safetensors" not in fp16
+    fp16 = hub.select_files(SD15_FILES, FOLDERS, "fp16", False, "r/sd")
+    weights = [f for f in fp16 if hub.weight_file(f)]
+    assert weights == [
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
     assert hub.variant_in(fp16, "fp16") == "fp16"
+    # allowing pickles changes nothing where safetensors exist
+    assert hub.select_files(SD15_FILES, FOLDERS, "fp16", True, "r/sd") == fp16
+    for got in (fp16, hub.select_files(SD15_FILES, FOLDERS, None, True, "r/sd")):
+        assert not [f for f in got if f.endswith((".ckpt", ".bin")) or "non_ema" in f or "pruned" in f]
+        assert not [f for f in got if f.startswith(("safety_checker/", "feature_extractor/"))]
+
+
+def test_select_files_falls_back_per_folder():
+    """fp16 asked: a folder without it takes its default weights, the others their fp16 ones."""
+    files = [f for f in SD15_FILES if f != "vae/diffusion_pytorch_model.fp16.safetensors"]
+    got = hub.select_files(files, FOLDERS, "fp16", False, "r/sd")
+    assert "vae/diffusion_pytorch_model.safetensors" in got
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in got
+    assert "unet/diffusion_pytorch_model.safetensors" not in got
+    # safetensors of the default variant beat a .bin of the asked one, even with pickles allowed
+    assert "vae/diffusion_pytorch_model.fp16.bin" not in hub.select_files(
+        files, FOLDERS, "fp16", True, "r/sd"
+    )
+
+
+def test_select_files_takes_sharded_indexes():
     sharded = [
+        "config.json",
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
         "model.safetensors.index.json",
+        "model.fp16-00001-of-00002.safetensors",
+        "model.fp16-00002-of-00002.safetensors",
+        "model.safetensors.index.fp16.json",  # diffusers/transformers name of a variant's index
     ]
-    assert hub.select_files([*sharded, "config.json"], None, None, False, "r/te") == sorted(
-        [*sharded, "config.json"]
+    # the index only: its shards are read from it (hub.fetch, shards_of)
+    assert hub.select_files(sharded, None, None, False, "r/te") == [
+        "config.json",
+        "model.safetensors.index.json",
+    ]
+    assert hub.select_files(sharded, None, "fp16", False, "r/te") == [
+        "config.json",
+        "model.safetensors.index.fp16.json",
+    ]
+    assert hub.is_index("unet/diffusion_pytorch_model.safetensors.index.fp16.json")
+    assert hub.is_index("unet/diffusion_pytorch_model.fp16.safetensors.index.json")  # older diffusers name
+    assert hub.weight_file("text_encoder_2/model.fp16-00002-of-00002.safetensors") == (
+        "model",
+        "fp16",
+        "safetensors",
+        "shard",
     )
+    assert hub.weight_file("v1-5-pruned-emaonly.safetensors") is None
+    assert hub.weight_file("taesd_decoder.safetensors") is None
+
+
+def test_shards_of_reads_the_index(tmp_path):
+    index = tmp_path / "model.safetensors.index.fp16.json"
+    index.write_text(
+        '{"metadata": {}, "weight_map": {"a": "model.fp16-00001-of-00002.safetensors",'
+        ' "b": "model.fp16-00002-of-00002.safetensors", "c": "model.fp16-00001-of-00002.safetensors"}}'
+    )
+    files = [f"te/model.fp16-0000{i}-of-00002.safetensors" for i in (1, 2)] + [
+        "te/model.fp16-00001-of-00003.safetensors"
+    ]
+    assert hub.shards_of(index, "te/model.safetensors.index.fp16.json", files, "r/x") == files[:2]
+    with pytest.raises(UserError, match="r/x: index te/x.json lists shards the repo does not have"):
+        hub.shards_of(index, "te/x.json", files[:1], "r/x")
+    index.write_text("{")
+    with pytest.raises(UserError, match="unreadable sharded-weights index"):
+        hub.shards_of(index, "te/x.json", files, "r/x")
 
 
 def test_select_files_refuses_pickle_only_weights():
-    files = ["config.json", "diffusion_pytorch_model.bin"]
+    files = ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.non_ema.bin"]
     with pytest.raises(UserError, match="r/cn.*only pickle weights.*allow_pickle"):
         hub.select_files(files, None, None, False, "r/cn")
-    assert hub.select_files(files, None, None, True, "r/cn") == files
+    # allowed: the default .bin, not the other variant beside it
+    assert hub.select_files(files, None, None, True, "r/cn") == files[:2]
+    with pytest.raises(UserError, match="r/cn: no weights found in the repo root"):
+        hub.select_files(
+            ["config.json", "diffusion_pytorch_model.non_ema.safetensors"], None, None, True, "r/cn"
+        )
 
 
 def test_custom_pipeline_class_is_refused(make_ctx, tmp_path):

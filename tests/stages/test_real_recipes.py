@@ -12,12 +12,13 @@ from sdkiln.stages.engine import plan
 from sdkiln.stages.engine.plugins import registry
 from sdkiln.stages.engine.recipe import load_recipe
 
-# recipe -> (family, repo of its base model: what an offline build must name)
+# recipe -> (family, repo of its base model: what an offline build must name, its families.hub key)
 REAL = {
-    "sd15-lcm-scribble": ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-    "sd-turbo": ("sd-turbo", "stabilityai/sd-turbo"),
-    "ssd1b-lcm-canny": ("ssd-1b", "segmind/SSD-1B"),
-    "sdxl-lcm-canny": ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+    "sd15-lcm-scribble": ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "base"),
+    "sd-turbo": ("sd-turbo", "stabilityai/sd-turbo", "base"),
+    "ssd1b-lcm-canny": ("ssd-1b", "segmind/SSD-1B", "base"),
+    "sdxl-lcm-canny": ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "base"),
+    "small-sd-text": ("sd15", "segmind/small-sd", "small"),
 }
 
 
@@ -31,13 +32,13 @@ def offline(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_real_recipe_validates_and_plans(name, tmp_path, offline):
-    family, repo = REAL[name]
+    family, repo, hub_key = REAL[name]
     path = RECIPES / f"{name}.yaml"
     recipe = load_recipe(path, registry(STAGES))
     base = recipe.steps[0]
     assert base.stage.name == "load_pipeline"
     assert (base.params.repo, base.params.family) == (repo, family)
-    assert base.params.repo == get_family(family).hub["base"].repo  # recipes and the table agree
+    assert base.params.repo == get_family(family).hub[hub_key].repo  # recipes and the table agree
     loras = [lo for s in recipe.steps if s.stage.name == "fuse_lora" for lo in s.params.loras]
     if "lcm" in name:
         assert [lo.repo for lo in loras if lo.kind == "lcm"] == [get_family(family).hub["lcm_lora"].repo]
@@ -53,3 +54,12 @@ def test_offline_build_is_exit_2_naming_the_repo(name, tmp_path, offline, capsys
     assert rc == 2
     assert REAL[name][1] in err and "cannot reach the Hugging Face Hub" in err
     assert "Traceback" not in err
+
+
+def test_every_real_recipe_is_built_by_the_tests():
+    """Each shipped recipe but the offline ones is planned here and built against the loopback Hub
+    (tests/recipes/)."""
+    from real_repos import REAL_RECIPES
+
+    shipped = {p.stem for p in RECIPES.glob("*.yaml")} - {"tiny", "tiny-nvidia", "bench"}
+    assert shipped == set(REAL) == set(REAL_RECIPES)

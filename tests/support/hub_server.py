@@ -226,6 +226,29 @@ class HubState:
             repo.branches["main"] = commit.id
             return commit.id
 
+    def seed_repo(self, repo_id: str, files: dict[str, bytes], title: str = "upload") -> str:
+        """Test helper: a new repo whose main branch holds ``files`` in one commit after the initial one
+        (stored as LFS or regular files as an upload would be, by the .gitattributes among them)."""
+        with self.lock:
+            repo = self.create_repo(repo_id)
+            head = repo.branches["main"]
+            table = dict(repo.commits[head].files)
+            attrs = files.get(".gitattributes")
+            if attrs is not None:
+                table[".gitattributes"] = FileEntry(len(attrs), git_blob_sha1(attrs), attrs)
+            for path, data in sorted(files.items()):
+                if path == ".gitattributes":
+                    continue
+                if self.is_lfs(repo, table, path, len(data), data[:512]):
+                    sha = hashlib.sha256(data).hexdigest()
+                    self.lfs[sha] = data
+                    table[path] = FileEntry(len(data), git_blob_sha1(lfs_pointer(sha, len(data))), None, sha)
+                else:
+                    table[path] = FileEntry(len(data), git_blob_sha1(data), data)
+            commit = self.make_commit(repo, head, table, title)
+            repo.branches["main"] = commit.id
+            return commit.id
+
     def is_lfs(
         self, repo: Repo, rev_files: dict[str, FileEntry], path: str, size: int, sample: bytes
     ) -> bool:

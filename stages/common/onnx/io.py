@@ -278,6 +278,39 @@ def set_io_shapes(model: Any, spec: Mapping[str, list[dict[str, Any]]]) -> None:
                 d.dim_param = want
 
 
+def restore_unused_inputs(model: Any, spec: Mapping[str, list[dict[str, Any]]]) -> list[str]:
+    """Put back the contract inputs an exporter dropped because nothing reads them, in contract order;
+    returns their names.
+
+    A component can ignore an input its family's contract gives it (a small SDXL ControlNet without
+    cross-attention never reads ``encoder_hidden_states``); the TorchScript exporter then leaves it out
+    of the graph. Every backend feeds the contract's inputs, so the graph keeps it as an unused input.
+    """
+    import onnx
+
+    dtypes = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+              "int32": onnx.TensorProto.INT32, "int64": onnx.TensorProto.INT64}  # fmt: skip
+    present = {v.name: v for v in model.graph.input}
+    initializers = {t.name for t in model.graph.initializer}
+    wanted = [t for t in spec["inputs"]]
+    missing = [t for t in wanted if t["name"] not in present]
+    if not missing:
+        return []
+    ordered = []
+    for t in wanted:
+        v = present.get(t["name"])
+        if v is None:
+            shape = [d if isinstance(d, int) else str(d) for d in t["shape"]]
+            v = onnx.helper.make_tensor_value_info(t["name"], dtypes[t["dtype"]], shape)
+        ordered.append(v)
+    extra = [v for v in model.graph.input if v.name not in {t["name"] for t in wanted}]
+    if [v.name for v in extra if v.name not in initializers]:
+        return []  # inputs the contract does not know: leave the graph alone, the spec check reports them
+    del model.graph.input[:]
+    model.graph.input.extend([*ordered, *extra])
+    return [t["name"] for t in missing]
+
+
 def spec_mismatches(actual: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> list[str]:
     """Differences between two I/O specs (names and order, dtypes, shapes), one line each."""
     problems = []
@@ -386,9 +419,35 @@ def to_fp16(model: Any, op_block_list: list[str] | None = None) -> Any:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     big = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    if big:
+        # Too big for the converter's in-memory shape inference, which it needs to keep fp32 what must
+        # stay fp32 (Resize scales made by Constant nodes, the inputs of blocked ops): infer on the
+        # graph without its weights and hand the converter the result.
+        infer_value_info(model)
     return convert_float_to_float16(
         model, keep_io_types=True, disable_shape_infer=big, op_block_list=op_block_list
     )
+
+
+def infer_value_info(model: Any, min_bytes: int = 1024) -> None:
+    """ONNX shape/type inference on a model of any size, in place: initializers above ``min_bytes`` lose
+    their data for the duration (inference reads only their dims; small ones, such as Reshape targets,
+    keep theirs), the inferred ``value_info`` is written back onto ``model``."""
+    import onnx
+
+    saved: dict[str, bytes] = {}
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and len(t.raw_data) > min_bytes:
+            saved[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    finally:
+        for t in model.graph.initializer:
+            if t.name in saved:
+                t.raw_data = saved[t.name]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def compact_names(model: Any) -> int:

@@ -1,8 +1,10 @@
 """Preset models: real architectures built from their configs with seeded random weights, no download.
 
 ``tiny-*`` presets use diffusers-test-sized configs (they build in seconds and run 2 steps in well under
-a second); ``sd15``, ``sd15-controlnet``, ``sd-turbo``, ``sdxl``, ``sdxl-controlnet`` have the shapes
-and compute of the real models. Every preset ships the real CLIP tokenizer (``tokenizer.py``), so prompts tokenize as
+a second); ``sd15``, ``sd15-controlnet``, ``sd15-scribble``, ``sd15-small`` (the distilled small SD 1.5
+UNets), ``sd-turbo``, ``sdxl``, ``sdxl-controlnet``, ``ssd-1b-controlnet`` have the shapes and compute of
+the real models. Architecture differences (SSD-1B's transformer depths, the small UNets' one layer per
+block, the small SDXL ControlNet) are config data in this table. Every preset ships the real CLIP tokenizer (``tokenizer.py``), so prompts tokenize as
 with the real weights, and every VAE downsamples by 8 (``families.Family.vae_scale_factor``).
 
 ControlNets are made with ``ControlNetModel.from_unet`` and then their zero-initialised output convs
@@ -18,7 +20,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +87,10 @@ _SD15_UNET = {
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
 }
+# The distilled small SD 1.5 UNets (segmind/small-sd, OFA-Sys/small-stable-diffusion-v0): SD 1.5 with
+# one ResNet (and attention) per down block and two per up block, the mid block kept.
+_SD15_SMALL_UNET = {**_SD15_UNET, "layers_per_block": 1}
+_TINY_UNET_SD_SMALL = {**_TINY_UNET_SD, "layers_per_block": 1}
 _SD21_UNET = {  # SD 2.x / SD-Turbo: linear projections, per-block head dims, OpenCLIP-H context
     **_SD15_UNET,
     "attention_head_dim": (5, 10, 20, 20),
@@ -113,6 +119,31 @@ _SDXL_UNET = {
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
 }
+# Segmind SSD-1B: SDXL with transformer blocks removed (per down block 0/2/4, per up block 4,4,10 /
+# 2,1,1 / none) and a mid block without attention (ComfyUI's SSD_1B table; diffusers' nested
+# transformer_layers_per_block).
+_SSD1B_UNET = {
+    **_SDXL_UNET,
+    "transformer_layers_per_block": [[1, 1], [2, 2], [4, 4]],
+    "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], [1, 1, 1]],
+    "mid_block_type": "UNetMidBlock2D",
+}
+
+# The same traits at test size: per-layer transformer depths and a mid block without attention.
+_TINY_UNET_SSD1B = {
+    **_TINY_UNET_SDXL,
+    "transformer_layers_per_block": [[1, 1], [1, 1]],
+    "reverse_transformer_layers_per_block": [[2, 1, 1], [1, 1, 1]],
+    "mid_block_type": "UNetMidBlock2D",
+}
+# diffusers/controlnet-canny-sdxl-1.0-small: an SDXL ControlNet without transformer layers in its
+# down blocks (168M parameters, the "7x smaller" of its model card; its config file was not seen).
+_SMALL_SDXL_CN_UNET = {
+    "transformer_layers_per_block": [0, 0, 0],
+    "reverse_transformer_layers_per_block": None,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+}
+_TINY_SMALL_SDXL_CN_UNET = {**_SMALL_SDXL_CN_UNET, "transformer_layers_per_block": [0, 0]}
 
 # Four blocks, so the VAE downsamples by 8 like the real one, with few channels.
 _TINY_VAE = {
@@ -169,6 +200,8 @@ class Preset:
     taesd: dict[str, Any]
     controlnets: tuple[str, ...] = ()
     with_taesd: bool = False
+    # UNet config keys changed for the UNet the ControlNets copy (empty: the preset's own UNet)
+    controlnet_unet: dict[str, Any] = field(default_factory=dict)
 
 
 def _p(name: str, family: str, size: str, **kw: Any) -> Preset:
@@ -202,14 +235,35 @@ PRESETS: dict[str, Preset] = {
     for p in [
         _p("tiny-sd15", "sd15", "tiny"),
         _p("tiny-sd15-controlnet", "sd15", "tiny", controlnets=("scribble", "canny"), with_taesd=True),
+        _p("tiny-sd15-small", "sd15", "tiny", unet=_TINY_UNET_SD_SMALL, with_taesd=True),
         _p("tiny-sd-turbo", "sd-turbo", "tiny", unet={**_TINY_UNET_SD, "use_linear_projection": True}),
         _p("tiny-sdxl", "sdxl", "tiny"),
         _p("tiny-sdxl-controlnet", "sdxl", "tiny", controlnets=("canny",), with_taesd=True),
+        _p(
+            "tiny-ssd-1b-controlnet",
+            "ssd-1b",
+            "tiny",
+            unet=_TINY_UNET_SSD1B,
+            controlnets=("canny",),
+            with_taesd=True,
+            controlnet_unet=_TINY_SMALL_SDXL_CN_UNET,
+        ),  # fmt: skip
         _p("sd15", "sd15", "real"),
         _p("sd15-controlnet", "sd15", "real", controlnets=("scribble", "canny"), with_taesd=True),
+        _p("sd15-scribble", "sd15", "real", controlnets=("scribble",), with_taesd=True),
+        _p("sd15-small", "sd15", "real", unet=_SD15_SMALL_UNET, with_taesd=True),
         _p("sd-turbo", "sd-turbo", "real", unet=_SD21_UNET, text_encoders=(_CLIP_H,)),
         _p("sdxl", "sdxl", "real"),
         _p("sdxl-controlnet", "sdxl", "real", controlnets=("canny",), with_taesd=True),
+        _p(
+            "ssd-1b-controlnet",
+            "ssd-1b",
+            "real",
+            unet=_SSD1B_UNET,
+            controlnets=("canny",),
+            with_taesd=True,
+            controlnet_unet=_SMALL_SDXL_CN_UNET,
+        ),  # fmt: skip
     ]
 }
 
@@ -303,8 +357,12 @@ def build_preset(name: str, seed: int = 0) -> Built:
             components[tok.folder] = make_tokenizer(pad_token=tok.pad_token, model_max_length=tok.max_length)
         components["scheduler"] = make_scheduler(fam.name)
         controlnets = {}
+        cn_source = unet
+        if preset.controlnet_unet and preset.controlnets:
+            torch.manual_seed(seed + 9)
+            cn_source = diffusers.UNet2DConditionModel(**{**preset.unet, **preset.controlnet_unet})
         for i, ctype in enumerate(preset.controlnets):
-            cn = diffusers.ControlNetModel.from_unet(unet, **preset.controlnet).eval()
+            cn = diffusers.ControlNetModel.from_unet(cn_source, **preset.controlnet).eval()
             randomise_zero_convs(cn, seed + 10 + i)
             controlnets[ctype] = cn
         vae_tiny = None
