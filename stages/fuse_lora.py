@@ -39,25 +39,15 @@ from pydantic import Field, model_validator
 from sdkiln.runtime.contract.errors import BuildError, ParityError, UserError
 from sdkiln.runtime.contract.layout import Kind
 from sdkiln.stages.common.hub import REPO_PATTERN
+from sdkiln.stages.common.torch.lora import LCM_LORA_UNET_TARGETS
 from sdkiln.stages.engine.core import Stage, StageContext, StageParams
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The module names a preset LoRA targets: attention projections, feed-forward, transformer in/out and
-# ResNet convs (what LCM-LoRA itself targets), so both Linear and Conv2d fusion are exercised.
-PRESET_UNET_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "proj_in",
-    "proj_out",
-    "conv1",
-    "conv2",
-)
+# ResNet convs (LCM-LoRA's layers up to its ResNet convs), so both Linear and Conv2d fusion are exercised.
+PRESET_UNET_TARGETS = LCM_LORA_UNET_TARGETS[: LCM_LORA_UNET_TARGETS.index("conv2") + 1]
 PRESET_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # kohya prefixes of the text encoders, by how many the family has
 KOHYA_TE_PREFIX = {1: ("lora_te",), 2: ("lora_te1", "lora_te2")}
@@ -226,8 +216,6 @@ def _lora_file(ctx: StageContext, i: int, lo: LoraSpec, loaded: Any) -> tuple[Pa
     from sdkiln.stages.common import hub
 
     if lo.source == "preset":
-        from sdkiln.stages.common.torch.lora import LCM_LORA_UNET_TARGETS
-
         lcm_layers = lo.layers == "lcm-lora"
         tes = [getattr(loaded.pipe, te) for te in loaded.family.text_encoders]
         sd = make_preset_lora(

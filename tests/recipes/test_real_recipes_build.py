@@ -270,3 +270,22 @@ def test_sdxl_base_downloads_only_what_it_loads(real_hub, tmp_path, monkeypatch)
     ]
     # the fp16-fix VAE has no fp16 variant: its default safetensors, not the other checkpoints beside it
     assert fetched[VAE_FIX] == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_labels_match_the_bytes(real_build, name):
+    """No section or card says int8 / n-bit / fp16 about a component whose files hold something else."""
+    from labels import label_problems
+
+    assert label_problems(_built(real_build, name).bundle) == []
+
+
+def test_verify_parity_passes_on_a_shipped_bundle(real_build):
+    """What a user who downloaded the bundle runs: every graph re-measured against its reference."""
+    from sdkiln.stages.tools.verify import verify_parity
+
+    verdict = verify_parity(_built(real_build, "sd15-lcm-scribble").bundle, e2e=False)
+    assert not verdict.failures, verdict.table()
+    checked = {r.section for r in verdict.rows if not r.note}
+    assert {"onnx/fp32", "onnx/fp16", "onnx/int8", "tensorrt/onnx-fp16"} <= checked
+    assert any(r.section.startswith("coreml/") and "macOS" in r.note for r in verdict.rows)

@@ -204,3 +204,43 @@ def test_a_quantized_component_below_its_floor_can_keep_fp32(
     params["below_floor"] = "fail"
     with pytest.raises(ParityError, match="text_encoder.*SQNR"):
         run_stage(STAGE, params, {"onnx": sd15_onnx, "model": tiny_sd15_artifact}, tmp_path / "again")
+
+
+def test_optional_inputs_with_external_data_convert_from_a_work_dir(tmp_path: Path) -> None:
+    """Real-size graphs keep their weights in ``model.onnx_data`` (over 2 GB): the rewritten graph in the
+    work dir must reach them inside its own folder (OpenVINO refuses data resolving outside it, as a
+    symlink into the cache did), and the optional input becomes a real IR input."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdkiln.stages.common.openvino import io as oi
+
+    w = numpy_helper.from_array(np.arange(64, dtype=np.float32).reshape(8, 8), "w")
+    residual = numpy_helper.from_array(np.zeros((1, 8), np.float32), "residual")  # the optional input
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "residual"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+            helper.make_tensor_value_info("residual", TensorProto.FLOAT, [1, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [w, residual],
+    )
+    src = tmp_path / "cache" / "unet"
+    src.mkdir(parents=True)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(
+        model,
+        str(src / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx_data",
+        size_threshold=0,
+    )
+    spec = [{"name": "x", "shape": [1, 8]}, {"name": "residual", "shape": [1, 8]}]
+    ov_model = oi.convert(src / "model.onnx", spec, tmp_path / "work" / "unet")
+    assert sorted(i.get_any_name() for i in ov_model.inputs) == ["residual", "x"]
+    compiled = oi.core().compile_model(ov_model, "CPU")
+    x, r = np.ones((1, 8), np.float32), np.full((1, 8), 2.0, np.float32)
+    out = compiled({"x": x, "residual": r})[0]
+    np.testing.assert_allclose(out, x @ numpy_helper.to_array(w) + r, rtol=1e-6)

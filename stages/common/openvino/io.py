@@ -12,6 +12,8 @@ Heavy imports (openvino) stay inside functions.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -47,8 +49,10 @@ def convert(
     Optional inputs (an ONNX UNet's ControlNet residuals: graph inputs with a zero-default initializer)
     would be read by OpenVINO's ONNX frontend as constants, so the IR could take no ControlNet. Such a
     graph is first rewritten in ``work_dir`` with those inputs required again, shaped by
-    ``contract_inputs`` (``common.onnx.defaults.strip_defaults``; its external data files are linked, not
-    copied); the runtime backend feeds the defaults when they are left out."""
+    ``contract_inputs`` (``common.onnx.defaults.strip_defaults``; its external data files are hard-linked
+    beside it, copied only across file systems: OpenVINO refuses external data that resolves outside the
+    model's folder, so a symlink into the cache fails); the runtime backend feeds the defaults when they
+    are left out."""
     import onnx
     import openvino as ov
 
@@ -68,7 +72,10 @@ def convert(
     for f in onnx_path.parent.iterdir():
         link = work_dir / f.name
         if f.name != onnx_path.name and f.is_file() and not link.exists():
-            link.symlink_to(f.resolve())
+            try:
+                os.link(f.resolve(), link)
+            except OSError:  # another file system
+                shutil.copyfile(f, link)
     stripped = work_dir / onnx_path.name
     onnx.save(graph, str(stripped))
     return ov.convert_model(str(stripped))

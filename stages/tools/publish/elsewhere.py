@@ -30,6 +30,19 @@ DIFFUSERS_ONNX = {"StableDiffusionPipeline": "OnnxStableDiffusionPipeline"}
 OPTIMUM = "optimum-onnx[onnxruntime]==0.1.0"
 OPTIMUM_NEEDS = "transformers < 4.58 (it does not install beside transformers 5)"
 SWIFT_PACKAGE = "https://github.com/apple/ml-stable-diffusion"
+# diffusers' ONNX pipelines multiply numpy latents by ``scheduler.init_noise_sigma``, which the
+# sigma-based schedulers return as a torch tensor: a TypeError in diffusers 0.42.1 (SD-Turbo's Euler
+# ancestral included). The snippet gives those pipelines the same scheduler with a float there.
+TENSOR_SIGMA_SCHEDULERS = frozenset(
+    {
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "LMSDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+    }
+)
 
 
 def onnx_section(manifest: BundleManifest) -> str | None:
@@ -53,11 +66,28 @@ def _family(section: Section) -> Any | None:
 
 
 def diffusers_snippet(
-    repo_id: str, revision: str, section: str, lcm: bool, family: str = "sd15", img2img: bool = False
+    repo_id: str,
+    revision: str,
+    section: str,
+    lcm: bool,
+    family: str = "sd15",
+    img2img: bool = False,
+    scheduler: str | None = None,
 ) -> str:
-    """Python that downloads one ONNX section of the repo and runs it in diffusers' ONNX pipeline."""
+    """Python that downloads one ONNX section of the repo and runs it in diffusers' ONNX pipeline
+    (``scheduler``: the section's scheduler class, for the ``TENSOR_SIGMA_SCHEDULERS`` fix)."""
     gen = generation_defaults(family, lcm=lcm)
     cls = "OnnxStableDiffusionImg2ImgPipeline" if img2img else "OnnxStableDiffusionPipeline"
+    fix = scheduler in TENSOR_SIGMA_SCHEDULERS
+    scheduler_class = [
+        "",
+        "",
+        f"class Scheduler({scheduler}):  # diffusers' ONNX pipelines need a float init_noise_sigma",
+        "    @property",
+        "    def init_noise_sigma(self):",
+        "        return float(super().init_noise_sigma)",
+        "",
+    ]
     call = (
         f'image = pipe("a lighthouse at dusk", image=Image.open("photo.png").convert("RGB"), strength=0.6,\n'
         f"             num_inference_steps={max(gen.steps, 2)}, guidance_scale={gen.guidance}).images[0]"
@@ -68,14 +98,16 @@ def diffusers_snippet(
     return "\n".join(
         [
             *(["from PIL import Image"] if img2img else []),
-            f"from diffusers import {cls}",
+            "from diffusers import " + ", ".join(sorted({cls, scheduler} if fix else {cls})),
             "from huggingface_hub import snapshot_download",
+            *(scheduler_class if fix else []),
             "",
             f'local = snapshot_download("{repo_id}", revision="{revision}", allow_patterns=["{section}/*"])',
             f"pipe = {cls}.from_pretrained(",
             f'    f"{{local}}/{section}", provider="CPUExecutionProvider", provider_options={{}},',
             "    safety_checker=None, feature_extractor=None, requires_safety_checker=False,",
             ")",
+            *(["pipe.scheduler = Scheduler.from_config(pipe.scheduler.config)"] if fix else []),
             call,
         ]
     )
@@ -226,7 +258,14 @@ def render(manifest: BundleManifest, repo_id: str, revision: str = "main") -> li
                 "`OnnxStableDiffusionImg2ImgPipeline`):",
                 "",
                 "```python",
-                diffusers_snippet(repo_id, revision, section, lcm, family),
+                diffusers_snippet(
+                    repo_id,
+                    revision,
+                    section,
+                    lcm,
+                    family,
+                    scheduler=sec.model.scheduler if sec.model else None,
+                ),
                 "```",
                 "",
             ]
