@@ -63,3 +63,14 @@ def test_every_real_recipe_is_built_by_the_tests():
 
     shipped = {p.stem for p in RECIPES.glob("*.yaml")} - {"tiny", "tiny-nvidia", "bench"}
     assert shipped == set(REAL) == set(REAL_RECIPES)
+
+
+@pytest.mark.parametrize("name", ["bench", "tiny"])
+def test_benchmarked_bundles_hold_their_pytorch_reference(name):
+    """``sdkiln bench`` measures every variant against the PyTorch reference in the same run: the bundle
+    must carry a pipeline section for it (``load_pipeline`` puts none in a bundle unless asked)."""
+    from sdkiln.runtime.contract.layout import Kind
+
+    recipe = load_recipe(RECIPES / f"{name}.yaml", registry(STAGES))
+    dirs = [s.bundle_dir for s in recipe.steps if s.stage.output_kind == Kind.PIPELINE and s.bundle_dir]
+    assert dirs and all(d.startswith("torch/") for d in dirs), dirs
