@@ -70,7 +70,9 @@ class TaskRun:
 
     @property
     def profile(self) -> str:
-        return "fast" if self.levers else "exact"
+        """``exact``: the reference's algorithm and float precision (int8 only where it passed its
+        floor); levers and OpenVINO's bf16 inference precision are declared fast-profile trade-offs."""
+        return "fast" if self.levers or self.inference_precision == "bf16" else "exact"
 
     def settings(self) -> dict[str, Any]:
         """What ``sdkiln.runtime.load`` and the request need to run this configuration."""
