@@ -70,7 +70,7 @@ bench: install ## benchmark a bundle: make bench BUNDLE=artifacts/tiny
 # weights; ~40 min to build the first time, ~23 GB of disk) and one bench run (~40 min) that writes
 # benchmarks/results/<time>-bench.{json,md,png}, updates the tables in README.md and benchmarks/README.md,
 # and records this machine's picks for `--backend auto`. Heavy: both steps wait for /tmp/sdkiln-heavy.lock.
-BENCH_REAL_BACKENDS ?= torch,onnx/fp32,onnx/int8-static,openvino/fp32,openvino/fp32@bf16,openvino/int8
+BENCH_REAL_BACKENDS ?= torch,onnx/fp32,onnx/int8-static,openvino/fp32,openvino/fp32@bf16,openvino/int8,openvino/int8@bf16
 BENCH_REAL_LEVERS ?= taesd,taesd+cn2,taesd+steps3,taesd+steps2,taesd+steps2+cn1
 bench-real: install ## real-size SD 1.5 + ControlNet + TAESD: build recipes/bench.yaml, bench it, update the README tables
 	flock /tmp/sdkiln-heavy.lock $(SDKILN) build recipes/bench.yaml

@@ -47,9 +47,10 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     p.add_argument(
         "--inference-precision",
-        choices=("f32", "bf16"),
         default="f32",
-        help="openvino: f32 (exact; default) or bf16 (a fast-profile trade-off where the CPU has it)",
+        metavar="SPEC",
+        help="openvino: f32 (exact; default), bf16 (where the CPU has it), or per component, e.g. "
+        "f32,vae_decoder=bf16 (what sdkiln bench recommends where a component's bf16 met its floor)",
     )
     p.add_argument(
         "--section", help="bundle section to run, e.g. onnx/int8 (default: onnx/fp32, torch/fused)"

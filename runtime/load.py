@@ -397,7 +397,8 @@ def load(
         cuda_graphs: tensorrt/torch_cuda: replay each denoising call as a captured CUDA graph.
         compile: torch_cuda: ``none``, ``default``, ``max-autotune-no-cudagraphs`` or ``reduce-overhead``
             (``torch.compile`` modes).
-        inference_precision: openvino: ``f32`` (exact; the default) or ``bf16`` (where the CPU has it).
+        inference_precision: openvino: ``f32`` (exact; the default), ``bf16`` (where the CPU has it), or
+            per component: ``"f32,vae_decoder=bf16"`` (a default, then ``component=precision`` items).
         profile, task: ``backend="auto"`` only: run the configuration ``sdkiln bench`` measured fastest on
             this machine for this bundle and ``task`` (``sketch``, ``text``, ``edit``): ``exact`` (the same
             algorithm, parity passed) or ``fast`` (declared trade-offs with their measured deviation); see

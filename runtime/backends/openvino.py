@@ -4,9 +4,12 @@
 Precision: OpenVINO's CPU plugin runs fp32 models in bf16 by default on CPUs with AVX512_BF16 or AMX.
 That is a different numeric result, so this backend always sets ``INFERENCE_PRECISION_HINT``
 itself: ``inference_precision="f32"`` (the default: the exact profile; an fp32 IR then matches the ONNX
-export to ~1e-5) or ``"bf16"`` (a fast-profile trade-off, where the CPU has native bf16). INT8 IRs (NNCF
-FakeQuantize / compressed weights) run their quantized convolutions and matmuls in int8 either way; the
-hint decides what the rest runs in. ``description`` names the precision the compiled models report.
+export to ~1e-5) or ``"bf16"`` (where the CPU has native bf16), or per component:
+``"f32,vae_decoder=bf16"`` (a default, then ``component=precision`` overrides; ``controlnet`` names every
+ControlNet). ``sdkiln bench`` composes such a mix from the components whose bf16 outputs met their
+parity floors on this machine. INT8 IRs (NNCF FakeQuantize / compressed weights) run their quantized
+convolutions and matmuls in int8 either way; the hint decides what the rest runs in. ``description``
+names the precision each compiled model reports.
 
 Inputs are checked against the manifest's I/O spec (``contract.specs.check_inputs``) before every call,
 and the spec is checked against each compiled model's own inputs when it is loaded.
@@ -55,16 +58,56 @@ def compile_config(inference_precision: str = "f32", threads: int = 0) -> dict[s
     return cfg
 
 
+def parse_precision(spec: str) -> tuple[str, dict[str, str]]:
+    """``"f32"`` -> ``("f32", {})``; ``"f32,vae_decoder=bf16,controlnet=bf16"`` -> the default and the
+    per-component overrides. A UserError names a malformed item or an unknown precision."""
+    default: str | None = None
+    overrides: dict[str, str] = {}
+    for item in (x.strip() for x in str(spec).split(",")):
+        name, eq, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq:
+            if default is not None or not name:
+                raise UserError(
+                    f"inference_precision {spec!r}: give one default precision, then component=precision "
+                    "items (e.g. f32,vae_decoder=bf16)"
+                )
+            default = name
+        elif not name or not value:
+            raise UserError(f"inference_precision {spec!r}: {item!r} is not component=precision")
+        else:
+            overrides[name] = value
+    default = default or "f32"
+    for value in (default, *overrides.values()):
+        compile_config(value)  # names the unknown precision
+    return default, overrides
+
+
+def format_precision(default: str, overrides: dict[str, str]) -> str:
+    """The inverse of ``parse_precision`` (overrides equal to the default left out, sorted)."""
+    items = [f"{k}={v}" for k, v in sorted(overrides.items()) if v != default]
+    return ",".join([default, *items])
+
+
+def precision_of(component: str, default: str, overrides: dict[str, str]) -> str:
+    """The precision ``component`` runs in: its own override, its kind's (``controlnet``), else the default."""
+    return overrides.get(component) or overrides.get(component.split(".", 1)[0]) or default
+
+
 def check_precision(inference_precision: str) -> None:
-    """A UserError when bf16 is asked for on a CPU OpenVINO cannot run it natively on."""
-    compile_config(inference_precision)
-    if inference_precision == "bf16":
-        caps = set(_ov().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-        if "BF16" not in caps:
-            raise UserError(
-                "inference_precision bf16: this CPU has no native bf16 for OpenVINO "
-                f"(its capabilities: {', '.join(sorted(caps))}); use f32"
-            )
+    """A UserError when bf16 is asked for (anywhere in the spec) on a CPU OpenVINO cannot run it natively on."""
+    default, overrides = parse_precision(inference_precision)
+    if "bf16" in (default, *overrides.values()):
+        _check_bf16()
+
+
+def _check_bf16() -> None:
+    caps = set(_ov().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    if "BF16" not in caps:
+        raise UserError(
+            "inference_precision bf16: this CPU has no native bf16 for OpenVINO "
+            f"(its capabilities: {', '.join(sorted(caps))}); use f32"
+        )
 
 
 def _dims(partial_shape: Any) -> tuple[Any, ...]:
@@ -160,18 +203,35 @@ class OpenVinoBackend:
     ):
         ov = _ov()
         check_precision(inference_precision)
+        default, overrides = parse_precision(inference_precision)
+        kinds = {c.split(".", 1)[0] for c in components}
+        unknown = sorted(k for k in overrides if k not in components and k not in kinds)
+        if unknown:
+            raise UserError(
+                f"inference_precision {inference_precision!r}: this section has no {', '.join(unknown)} "
+                f"(it has: {', '.join(sorted(components))})"
+            )
         self._folder = folder
         self._entries = components
-        self._config = compile_config(inference_precision, threads)
+        self._default, self._overrides = default, overrides
+        self._threads = threads
         self._core = ov.Core()
         self._loaded: dict[str, Component] = {}
         self._version = ov.get_version().split("-", 1)[0]
-        self.inference_precision = inference_precision
+        self.inference_precision = format_precision(default, overrides)
+
+    def precision_of(self, component: str) -> str:
+        """The inference precision ``component`` is (or will be) compiled with."""
+        return precision_of(component, self._default, self._overrides)
 
     @property
     def description(self) -> str:
-        got = sorted({getattr(c, "inference_precision", "?") for c in self._loaded.values()})
-        hint = ", ".join(got) or self._config["INFERENCE_PRECISION_HINT"]
+        got = {n: getattr(c, "inference_precision", "?") for n, c in self._loaded.items()}
+        kinds = sorted(set(got.values()))
+        if len(kinds) > 1:
+            hint = ", ".join(f"{n} {p}" for n, p in sorted(got.items()))
+        else:
+            hint = kinds[0] if kinds else self.inference_precision
         return f"openvino {self._version} (CPU, inference precision {hint})"
 
     def has(self, component: str) -> bool:
@@ -185,8 +245,9 @@ class OpenVinoBackend:
                     f"this bundle section has no {component} (it has: {', '.join(sorted(self._entries))})"
                 )
             io = ComponentIO.from_manifest(entry) if entry.get("inputs") else None
+            config = compile_config(self.precision_of(component), self._threads)
             self._loaded[component] = OpenVinoComponent(
-                component, self._folder / entry["path"], io, self._core, self._config
+                component, self._folder / entry["path"], io, self._core, config
             )
         return self._loaded[component]
 

@@ -63,8 +63,7 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
     for row in report["tasks"]:
         picks: dict[str, Any] = {}
         for r in row["results"]:
-            worker = _worker_of(r, row)
-            verdicts = [ok.get((c, worker)) for c in r.get("precisions", {})]
+            verdicts = [ok.get((c, _source_of(r, row, c))) for c in r.get("precisions", {})]
             r["components_parity_ok"] = (
                 False
                 if False in verdicts
@@ -109,6 +108,12 @@ def _worker_of(r: dict[str, Any], row: dict[str, Any]) -> str:
     name = r["variant"]
     levers = r.get("levers") or []
     return name[: -len("+" + "+".join(levers))] if levers else name
+
+
+def _source_of(r: dict[str, Any], row: dict[str, Any], component: str) -> str:
+    """The variant whose measurement of ``component`` judges a task run: a composed run's per-component
+    source (``compose_mixed``), else the run's base."""
+    return (r.get("component_sources") or {}).get(component) or _worker_of(r, row)
 
 
 def _recommendable(r: dict[str, Any], reference: str) -> tuple[bool, str]:
@@ -167,7 +172,10 @@ def _bounds(report: dict[str, Any], r: dict[str, Any], row: dict[str, Any]) -> d
                 (c for c in r.get("precisions") or {} if c.startswith("controlnet.")), "controlnet"
             ),
         }.get(key, key)
-        measured = next((x for x in comp_rows.get(comp, {}).get("results", []) if x["variant"] == base), None)
+        source = (r.get("component_sources") or {}).get(comp) or base
+        measured = next(
+            (x for x in comp_rows.get(comp, {}).get("results", []) if x["variant"] == source), None
+        )
         stages[label] = {
             "seconds": seconds,
             "share": seconds / total if total else None,

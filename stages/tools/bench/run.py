@@ -36,6 +36,7 @@ from sdkiln.stages.tools.bench.variants import (
     available_variants,
     bf16_label,
     component_label,
+    hint_of,
     select_variants,
 )
 from sdkiln.stages.tools.bench.worker import WorkerError, _Pool, _setup, measure_peak
@@ -105,9 +106,15 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         task_rows = []
         t0 = time.perf_counter()
         fast_base = None
+        mixed: list[Variant] = []
         if config.tasks:
-            fast_base = choose_fast_base(config, variants, comp_rows, skipped)
-            task_rows = bench_tasks(bundle, variants, config, pool, size, budget, errors, skipped, fast_base)
+            mixed = compose_mixed(variants, comp_rows, skipped)
+            for v in mixed:
+                logger.info("composed %s: inference precision %s", v.name, v.settings["inference_precision"])
+            fast_base = choose_fast_base(config, [*variants, *mixed], comp_rows, skipped)
+            task_rows = bench_tasks(
+                bundle, [*variants, *mixed], config, pool, size, budget, errors, skipped, fast_base
+            )
         phases["tasks_s"] = time.perf_counter() - t0
 
     report = {
@@ -146,7 +153,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         },
         "machine": facts,
         "peak": peak,
-        "variants": [asdict(v) for v in variants],
+        "variants": [asdict(v) for v in [*variants, *mixed]],
         "skipped": skipped,
         "components": comp_rows,
         "tasks": task_rows,
@@ -370,7 +377,7 @@ def _precision(bundle: Bundle, v: Variant, component: str) -> str:
     if v.backend in ("onnxruntime", "openvino"):
         own = (bundle.components(v.section).get(component) or {}).get("precision")
         if own:
-            if v.settings.get("inference_precision") == "bf16":
+            if hint_of(v, component) == "bf16":
                 return bf16_label(str(own))
             return str(own)
     return v.precision
@@ -403,7 +410,13 @@ def choose_fast_base(
     for v in variants:
         if v.name == config.reference or _runtime_config(v) is None:
             continue
-        mine = [(row["component"], r) for row in comp_rows for r in row["results"] if r["variant"] == v.name]
+        sources = v.settings.get("sources") or {}
+        mine = [
+            (row["component"], r)
+            for row in comp_rows
+            for r in row["results"]
+            if r["variant"] == sources.get(row["component"], v.name)
+        ]
         if mine and all(r["parity"]["ok"] is True for _, r in mine):
             candidates[v.name] = {c: r["median_s"] for c, r in mine}
     common = set.intersection(*(set(c) for c in candidates.values())) if candidates else set()
@@ -417,3 +430,58 @@ def choose_fast_base(
         for n, comps in candidates.items()
     }
     return min(cost, key=cost.__getitem__)
+
+
+def compose_mixed(
+    variants: list[Variant], comp_rows: list[dict[str, Any]], skipped: list[dict[str, str]]
+) -> list[Variant]:
+    """Per OpenVINO section measured at both inference precisions in this run: one variant
+    (``<section>@mixed``) that runs a component in bf16 where its bf16 output met the component's floor
+    and ran faster than f32 (or f32 missed its floor), and in f32 everywhere else, components this run
+    did not measure included. Every component of it then met its floor, so its end-to-end run is an
+    exact-profile candidate (``TaskRun.profile``); ``settings["sources"]`` names, per component, the
+    variant whose measurement chose it (the report judges its parity by those rows)."""
+    from sdkiln.runtime.backends.openvino import format_precision
+
+    names = {v.name: v for v in variants}
+    out = []
+    for v in variants:
+        if v.backend != "openvino" or v.settings.get("inference_precision", "f32") != "f32":
+            continue
+        bf = names.get(f"{v.name}@bf16")
+        if bf is None:
+            continue
+        overrides: dict[str, str] = {}
+        sources: dict[str, str] = {}
+        for row in comp_rows:
+            res = {r["variant"]: r for r in row["results"]}
+            f, b = res.get(v.name), res.get(bf.name)
+            if f is None:
+                continue
+            c = row["component"]
+            sources[c] = v.name
+            faster = b is not None and (f["parity"]["ok"] is not True or b["median_s"] < f["median_s"])
+            if b is not None and b["parity"]["ok"] is True and faster:
+                overrides[c] = "bf16"
+                sources[c] = bf.name
+        if not overrides:
+            skipped.append(
+                {
+                    "variant": f"{v.name}@mixed",
+                    "reason": "no component ran faster in bf16 with its output above its floor",
+                }
+            )
+            continue
+        spec = format_precision("f32", overrides)
+        out.append(
+            Variant(
+                f"{v.name}@mixed",
+                "openvino",
+                v.section,
+                "mixed",
+                {"inference_precision": spec, "sources": sources},
+                f"OpenVINO CPU, {v.section}: bf16 for {', '.join(sorted(overrides))} (each above its floor "
+                "and faster in this run), f32 elsewhere",
+            )
+        )
+    return out

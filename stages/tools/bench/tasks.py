@@ -33,6 +33,7 @@ from sdkiln.stages.tools.bench.variants import (
     Bundle,
     Variant,
     bf16_label,
+    hint_of,
 )
 from sdkiln.stages.tools.bench.worker import WorkerError, _Pool
 
@@ -70,8 +71,9 @@ class TaskRun:
 
     @property
     def profile(self) -> str:
-        """``exact``: the reference's algorithm and float precision (int8 only where it passed its
-        floor); levers and OpenVINO's bf16 inference precision are declared fast-profile trade-offs."""
+        """``exact``: the reference's algorithm, each component at a precision that met its floor (int8
+        and bf16 only where they did: ``compose_mixed``); levers and OpenVINO's bf16 inference precision
+        on every component are declared fast-profile trade-offs."""
         return "fast" if self.levers or self.inference_precision == "bf16" else "exact"
 
     def settings(self) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def _precisions(bundle: Bundle, v: Variant, dtype: str) -> dict[str, str]:
     out = {}
     for c, entry in bundle.components(v.section).items():
         own = str(entry.get("precision") or v.precision)
-        out[c] = bf16_label(own) if v.settings.get("inference_precision") == "bf16" else own
+        out[c] = bf16_label(own) if hint_of(v, c) == "bf16" else own
     return out
 
 
@@ -399,6 +401,7 @@ def _bench_task(
                 "control_end": r.control_end,
                 "description": described.get(r.name, ""),
                 "precisions": precisions,
+                "component_sources": variants[r.worker].settings.get("sources"),
                 "group": next(i for i, g in enumerate(groups) if r.worker in g),
                 **stats,
                 "reference_samples_s": ref_samples[r.name],

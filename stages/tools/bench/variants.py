@@ -382,6 +382,16 @@ def _ov_variant(bundle: Bundle, section: str, preset: str) -> Variant:
     )
 
 
+def hint_of(v: Variant, component: str) -> str:
+    """The OpenVINO inference precision ``component`` runs in under variant ``v`` (``f32`` elsewhere)."""
+    if v.backend != "openvino":
+        return "f32"
+    from sdkiln.runtime.backends.openvino import parse_precision, precision_of
+
+    default, overrides = parse_precision(v.settings.get("inference_precision", "f32"))
+    return precision_of(component, default, overrides)
+
+
 def bf16_label(precision: str) -> str:
     """What a component stored at ``precision`` computes in under OpenVINO's bf16 hint: fp32 weights run
     in bf16; int8 ones keep their int8 kernels with the rest in bf16."""

@@ -19,6 +19,13 @@ from sdkiln.stages.tools import bench
 pytest.importorskip("openvino", reason="the OpenVINO variants need the openvino extra")
 
 LEVERS = "taesd,taesd+steps2+cn1"
+BACKENDS = ["torch", "onnx/fp32", "openvino/fp32", "openvino/int8"]
+
+
+def _native_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def _sdkiln(*args: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -36,11 +43,13 @@ def _sdkiln(*args: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> s
 def ov_run(tiny_openvino_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-ov")
     env = {"SDKILN_BENCH_CACHE": str(out / "records")}
+    # Where the CPU has native bf16, the int8 section at bf16 too: the run composes openvino/int8@mixed.
+    backends = [*BACKENDS, "openvino/int8@bf16"] if _native_bf16() else BACKENDS
     proc = _sdkiln(
         "bench",
         str(tiny_openvino_bundle),
         "--backends",
-        "torch,onnx/fp32,openvino/fp32,openvino/int8",
+        ",".join(backends),
         "--tasks",
         "sketch",
         "--levers",
@@ -71,7 +80,9 @@ def ov_run(tiny_openvino_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_openvino_is_measured_beside_onnx_runtime_on_every_component(ov_run: dict[str, Any]) -> None:
     report = ov_run["report"]
     assert not report["errors"], report["errors"]
-    assert [v["name"] for v in report["variants"]] == ["torch", "onnx/fp32", "openvino/fp32", "openvino/int8"]
+    names = [v["name"] for v in report["variants"]]
+    assert names[:4] == BACKENDS
+    assert names[4:] in ([], ["openvino/int8@bf16"], ["openvino/int8@bf16", "openvino/int8@mixed"])
     peaks = {p["name"] for p in report["peak"]["probes"]}
     assert {"openvino MatMul f32", "openvino MatMul bf16", "openvino MatMul int8"} <= peaks
     rows = {r["component"]: r for r in report["components"]}
@@ -92,7 +103,7 @@ def test_openvino_is_measured_beside_onnx_runtime_on_every_component(ov_run: dic
     assert {"MatMul", "Conv"} & set(unet["onnx/fp32"]["kernels"]["nodes"])
     # the int8 UNet is compared with the int8 peak, fp32 ones with the fp32 peak
     for r in unet.values():
-        dtype = "int8" if r["precision"] == "int8" else "fp32"
+        dtype = "int8" if r["precision"].startswith("int8") else "fp32"  # int8+bf16 keeps int8 kernels
         assert r["fraction_of_dtype_peak"] == r["flops_per_s"] / report["peak"]["by_dtype"][dtype]
 
 
@@ -101,15 +112,9 @@ def test_exact_and_fast_runs_and_the_picks(ov_run: dict[str, Any]) -> None:
     (task,) = report["tasks"]
     runs = {r["variant"]: r for r in task["results"]}
     base = report["config"]["fast_base"]
-    assert base in ("onnx/fp32", "openvino/fp32", "openvino/int8")  # auto: components all passed
-    assert set(runs) == {
-        "torch",
-        "onnx/fp32",
-        "openvino/fp32",
-        "openvino/int8",
-        f"{base}+taesd",
-        f"{base}+taesd+steps2+cn1",
-    }
+    variants = [v["name"] for v in report["variants"]]
+    assert base in variants and base not in ("torch", "openvino/int8@bf16")  # auto: components all passed
+    assert set(runs) == {*variants, f"{base}+taesd", f"{base}+taesd+steps2+cn1"}
     fast = runs[f"{base}+taesd+steps2+cn1"]
     assert (
         fast["profile"] == "fast"
@@ -133,6 +138,11 @@ def test_exact_and_fast_runs_and_the_picks(ov_run: dict[str, Any]) -> None:
         runs["openvino/fp32"]["deviation"]["psnr_db"] is None
         or runs["openvino/fp32"]["deviation"]["psnr_db"] > 40
     )
+
+    if "openvino/int8@bf16" in runs:
+        assert runs["openvino/int8@bf16"]["profile"] == "fast"  # bf16 on every component: a trade-off
+    if "openvino/int8@mixed" in runs:
+        _check_mixed(report, runs["openvino/int8@mixed"])
 
     rec = report["recommendation"]["tasks"]["sketch"]
     exact_ok = [r for r in task["results"] if r["recommendable"] and r["profile"] == "exact"]
@@ -197,3 +207,92 @@ def test_the_record_drives_backend_auto(ov_run: dict[str, Any], tiny_openvino_bu
         assert f"auto ({profile} profile): backend {s['backend']}, section {s['section']}" in proc.stdout
         assert "fastest" in proc.stdout and f"{pick['ratio_to_reference']:.2f}x" in proc.stdout
         assert (out / f"auto-{profile}.png").is_file()
+
+
+def _check_mixed(report: dict[str, Any], run: dict[str, Any]) -> None:
+    """The composed run: bf16 exactly where the component's bf16 row passed its floor and was faster, judged
+    by those rows, and an exact-profile run with its end-to-end parity."""
+    rows = {r["component"]: {x["variant"]: x for x in r["results"]} for r in report["components"]}
+    spec = run["settings"]["inference_precision"]
+    assert spec.startswith("f32,") and run["profile"] == "exact"
+    for comp, by in rows.items():
+        f, b = by["openvino/int8"], by["openvino/int8@bf16"]
+        want_bf16 = b["parity"]["ok"] is True and (
+            f["parity"]["ok"] is not True or b["median_s"] < f["median_s"]
+        )
+        assert (f"{comp}=bf16" in spec) == want_bf16, (comp, spec)
+        assert run["component_sources"][comp] == ("openvino/int8@bf16" if want_bf16 else "openvino/int8")
+        if comp in run["precisions"]:
+            assert run["precisions"][comp].endswith("bf16") == want_bf16
+    assert run["e2e_parity"] is not None
+
+
+def test_compose_mixed_picks_bf16_only_where_it_passed_and_paid() -> None:
+    """Synthetic component rows: bf16 is taken where it met its floor and was faster (or f32 failed), never
+    where it missed its floor; components the run did not measure stay f32; the report then judges the
+    composed run's components by the rows that chose them."""
+    from sdkiln.stages.tools.bench.report import recommend
+    from sdkiln.stages.tools.bench.run import compose_mixed
+    from sdkiln.stages.tools.bench.variants import Variant
+
+    def row(comp: str, f: tuple[float, bool], b: tuple[float, bool]) -> dict[str, Any]:
+        results = [
+            {"variant": "openvino/int8", "median_s": f[0], "parity": {"ok": f[1]}},
+            {"variant": "openvino/int8@bf16", "median_s": b[0], "parity": {"ok": b[1]}},
+        ]
+        return {"component": comp, "results": results, "best": None}
+
+    comp_rows = [
+        row("unet", (1.5, True), (1.3, False)),  # faster but below its floor: f32
+        row("vae_decoder", (9.3, True), (2.6, True)),  # faster and above: bf16
+        row("text_encoder", (0.05, True), (0.06, True)),  # passes but slower: f32
+        row("controlnet.scribble", (5.0, False), (5.5, True)),  # f32 failed, bf16 passed: bf16
+    ]
+    variants = [
+        Variant("torch", "torch", "torch/base", "fp32"),
+        Variant("openvino/int8", "openvino", "openvino/int8", "int8", {"inference_precision": "f32"}),
+        Variant(
+            "openvino/int8@bf16", "openvino", "openvino/int8", "int8+bf16", {"inference_precision": "bf16"}
+        ),
+        Variant("openvino/fp32", "openvino", "openvino/fp32", "fp32", {"inference_precision": "f32"}),
+    ]
+    skipped: list[dict[str, str]] = []
+    (mixed,) = compose_mixed(variants, comp_rows, skipped)
+    assert mixed.name == "openvino/int8@mixed" and mixed.section == "openvino/int8"
+    assert mixed.settings["inference_precision"] == "f32,controlnet.scribble=bf16,vae_decoder=bf16"
+    assert mixed.settings["sources"] == {
+        "unet": "openvino/int8",
+        "vae_decoder": "openvino/int8@bf16",
+        "text_encoder": "openvino/int8",
+        "controlnet.scribble": "openvino/int8@bf16",
+    }
+    assert skipped == []  # openvino/fp32 has no @bf16 variant in this run: nothing to compose, nothing said
+
+    # Nothing worth composing: said, not composed.
+    assert compose_mixed(variants, [row("unet", (1.0, True), (1.3, True))], skipped) == []
+    assert skipped[0]["variant"] == "openvino/int8@mixed"
+
+    # The report judges each component of the composed run by the row that chose it.
+    for comp in comp_rows:
+        for r in comp["results"]:
+            r["ratio_to_reference"] = r["median_s"]
+    task = {
+        "variant": "openvino/int8@mixed",
+        "profile": "exact",
+        "levers": [],
+        "precisions": {"unet": "int8", "vae_decoder": "bf16", "text_encoder": "fp32"},
+        "component_sources": mixed.settings["sources"],
+        "ratio_to_reference": 0.3,
+        "median_s": 3.0,
+        "reference_median_s": 10.0,
+        "e2e_parity": {"ok": True, "floor_db": 18.0},
+        "deviation": {"psnr_db": 40.0},
+        "stages_median_s": {},
+    }
+    report = {"components": comp_rows, "tasks": [{"task": "sketch", "reference": "torch", "results": [task]}]}
+    rec = recommend(report)
+    assert task["components_parity_ok"] is True  # unet by its f32 row, vae_decoder by its bf16 row
+    assert rec["tasks"]["sketch"]["exact"]["variant"] == "openvino/int8@mixed"
+    task["component_sources"] = {**mixed.settings["sources"], "unet": "openvino/int8@bf16"}
+    recommend(report)
+    assert task["components_parity_ok"] is False  # judged by a row below its floor: not recommendable
