@@ -102,8 +102,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     from sdkiln.stages.engine import build
 
     common = dict(force=set(args.force or ()), frozen=args.frozen, stages=_stages(), remote=_remote(args))
+    only = set(args.only or ())
     if args.executor == "ray":
         from sdkiln.stages.engine.executors import build_on_ray
+
+        if only:
+            raise UserError("--only builds here: drop --executor ray, or build the whole recipe on Ray")
 
         result = build_on_ray(
             Path(args.recipe), _artifacts(args), args.overrides, address=args.address, **common
@@ -111,7 +115,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     else:
         if args.address:
             raise UserError("--address is the Ray cluster's address: it goes with --executor ray")
-        result = build(Path(args.recipe), _artifacts(args), args.overrides, **common)
+        result = build(Path(args.recipe), _artifacts(args), args.overrides, only=only, **common)
     hits = sum(s.status == "HIT" for s in result.steps)
     pulled = sum(s.status == "HIT" and s.source == "remote" for s in result.steps)
     logger.info(
@@ -121,6 +125,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         len(result.steps) - hits,
         f" ({pulled} pulled from the remote)" if pulled else "",
     )
+    if result.bundle is None:  # --only: no bundle; where each step's artifact is
+        for st in result.steps:
+            print(f"{st.step}\t{st.path}")
+        return 0
     print(result.bundle)
     return 0
 
@@ -256,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps.unet_6bit.params.nbits=4")
     s.add_argument("--force", action="append", metavar="STEP", help="rebuild this step even if cached")
+    s.add_argument(
+        "--only",
+        action="append",
+        metavar="STEP",
+        help="build only this step and the steps it takes inputs from (repeatable); no bundle is assembled",
+    )
     s.add_argument("--frozen", action="store_true", help="use the lock's pins; never re-resolve revisions")
     _add_remote_args(s, push=True)
     s.add_argument(

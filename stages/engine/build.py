@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class BuildResult:
     recipe: Recipe
-    bundle: Path
+    bundle: Path | None  # None: a partial build (``only``), which assembles no bundle
     steps: list[StepResult] = field(default_factory=list)
 
     @property
@@ -170,9 +170,11 @@ def artifact_of(ctx: StageContext) -> InputArtifact:
     )
 
 
-def _preflight(recipe: Recipe, artifacts_root: Path, stages: dict[str, Stage], overrides, force) -> None:
+def _preflight(
+    recipe: Recipe, artifacts_root: Path, stages: dict[str, Stage], overrides, force, steps: list[Step]
+) -> None:
     """Refuse, before any work, a build with a step that would run here but needs what is missing."""
-    lacking = {s.id: unmet(s.stage.needs) for s in recipe.steps if s.stage.needs}
+    lacking = {s.id: unmet(s.stage.needs) for s in steps if s.stage.needs}
     lacking = {k: v for k, v in lacking.items() if v}
     if not lacking:
         return
@@ -202,6 +204,25 @@ def load_for_build(
     return recipe, force
 
 
+def needed_steps(recipe: Recipe, only: set[str] | None) -> list[Step]:
+    """The recipe's steps in order; with ``only``, just those steps and every step they take inputs
+    from (what ``make <target>`` would build). A UserError names a step the recipe lacks."""
+    if not only:
+        return list(recipe.steps)
+    ids = [s.id for s in recipe.steps]
+    unknown = sorted(set(only) - set(ids))
+    if unknown:
+        raise UserError(f"--only {', '.join(unknown)}: no such step (steps: {', '.join(ids)})")
+    wanted: set[str] = set()
+    todo = list(only)
+    while todo:
+        sid = todo.pop()
+        if sid not in wanted:
+            wanted.add(sid)
+            todo.extend(recipe.step(sid).inputs.values())
+    return [s for s in recipe.steps if s.id in wanted]
+
+
 def build(
     recipe_path: Path,
     artifacts_root: Path,
@@ -211,24 +232,27 @@ def build(
     *,
     stages: dict[str, Stage],
     remote: RemoteCache | None = None,
+    only: set[str] | None = None,
 ) -> BuildResult:
     """Build every step that is not cached, then assemble ``artifacts/<recipe-name>/``.
 
     ``remote`` (a ``RemoteCache``): a local miss is pulled from it when it has the key, and what is
     built (or cached here but absent there) is pushed to it. (``engine.executors.build_on_ray`` runs
-    the same steps as Ray tasks on a cluster.)
+    the same steps as Ray tasks on a cluster.) ``only``: build just these steps and what they take
+    inputs from, into the cache; the bundle (always whole) and its lock are left as they are.
     """
     artifacts_root = Path(artifacts_root)
     recipe, force = load_for_build(recipe_path, stages, overrides, force)
-    _preflight(recipe, artifacts_root, stages, overrides, force)
+    steps = needed_steps(recipe, only)
+    _preflight(recipe, artifacts_root, stages, overrides, force, steps)
     cache = Cache(artifacts_root)
     cache.clean_stale()
     planner = Planner(recipe, read_lock(artifacts_root, recipe.name), frozen=frozen, resolve=True)
     entries: dict[str, Entry] = {}
     lock_steps: dict[str, Any] = {}
     result = BuildResult(recipe, bundle_path(artifacts_root, recipe.name))
-    n = len(recipe.steps)
-    for i, step in enumerate(recipe.steps, 1):
+    n = len(steps)
+    for i, step in enumerate(steps, 1):
         t0 = time.perf_counter()
         pins, _ = planner.pins(step)
         input_digests = {name: entries[ref].digest for name, ref in step.inputs.items()}
@@ -269,6 +293,9 @@ def build(
             )
         )
         lock_steps[step.id] = {**kd, "key": key, "digest": entry.digest, "pins": pins}
+    if only:  # a partial build: the cache has the steps; a bundle is only ever assembled whole
+        result.bundle = None
+        return result
     lock = {"schema": SCHEMA_VERSION, "recipe": recipe.name, "steps": lock_steps}
     assemble(recipe, entries, lock, result.bundle)
     if remote is not None:  # what `gc --remote` keeps

@@ -90,6 +90,22 @@ def test_byte_identical_upstream_rebuild_reruns_nothing_downstream(sdk):
     assert "joined" in out.stderr and out.stderr.count("HIT") == 2
 
 
+def test_only_builds_a_step_and_its_inputs_into_the_cache_and_no_bundle(sdk):
+    recipe = sdk.recipe("chain", CHAIN)
+    out = sdk.run("build", str(recipe), "--only", "a")
+    assert sdk.started() == ["a"]
+    step, path = out.stdout.strip().split("\t")
+    assert step == "a" and (Path(path) / "data" / "text.txt").read_text() == "alphaalphaalpha"
+    assert not (sdk.artifacts / "chain").exists(), "a partial build assembles no bundle"
+    sdk.run("build", str(recipe), "--only", "joined")  # joined and the input it lacks, b
+    assert sdk.started() == ["a", "b", "joined"]
+    full = sdk.run("build", str(recipe))  # everything cached: the whole bundle, nothing run
+    assert len(sdk.started()) == 3 and full.stderr.count("HIT") == 3
+    assert (Path(full.stdout.strip()) / "concat" / "data" / "text.txt").is_file()
+    bad = sdk.run("build", str(recipe), "--only", "nope", check=2)
+    assert "--only nope: no such step (steps: a, b, joined)" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_kill_9_mid_stage_leaves_no_torn_entry_and_resumes(sdk):
     recipe = sdk.recipe(
         "chain",
