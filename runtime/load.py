@@ -493,5 +493,5 @@ def _load_auto(model: str | Path, *, profile: str, task: str, **kwargs: Any) -> 
     if s.get("steps"):
         pipe.default_steps = int(s["steps"])
     pipe.default_control_end = float(s.get("control_end") or 1.0)
-    logger.info("%s", choice.describe())
+    logger.debug("%s", choice.describe())  # the CLI prints it; pipe.choice has it
     return pipe

@@ -67,14 +67,19 @@ def memory_budget(config: BenchConfig) -> int:
 
 
 def interleave(
-    calls: dict[str, Any], config: BenchConfig, failed: set[str], on_error: Any
+    calls: dict[str, Any],
+    config: BenchConfig,
+    failed: set[str],
+    on_error: Any,
+    warm: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, list[Any]]:
     """Warm-up rounds, then timed rounds; each round calls every member once, in order (A B C A B C).
-    A member that fails is dropped from later rounds; ``on_error(name, exc)`` records it."""
+    Members in ``warm`` (still loaded and warmed by an earlier group, as the reference is) skip the
+    warm-up rounds. A member that fails is dropped from later rounds; ``on_error(name, exc)`` records it."""
     out: dict[str, list[Any]] = {name: [] for name in calls}
     for i in range(config.warmup + config.repeat):
         for name, fn in calls.items():
-            if name in failed:
+            if name in failed or (i < config.warmup and name in warm):
                 continue
             time.sleep(config.settle_s)
             try:

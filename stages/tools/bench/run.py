@@ -108,7 +108,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         fast_base = None
         mixed: list[Variant] = []
         if config.tasks:
-            mixed = compose_mixed(variants, comp_rows, skipped)
+            mixed = compose_mixed(variants, comp_rows, skipped, config.steps)
             for v in mixed:
                 logger.info("composed %s: inference precision %s", v.name, v.settings["inference_precision"])
             fast_base = choose_fast_base(config, [*variants, *mixed], comp_rows, skipped)
@@ -274,7 +274,8 @@ def _bench_component(
         calls = {
             n: (lambda w=pool.get(n): w.call("run", n=1)[0]) for n in group if n in loaded and n not in failed
         }
-        got = interleave(calls, config, failed, on_error("run"))
+        # The reference stays loaded across groups: warmed once, in the first.
+        got = interleave(calls, config, failed, on_error("run"), warm={ref_name} if gi else set())
         if ref_name in failed:
             return None
         samples.setdefault(ref_name, []).extend(got[ref_name])
@@ -433,18 +434,22 @@ def choose_fast_base(
 
 
 def compose_mixed(
-    variants: list[Variant], comp_rows: list[dict[str, Any]], skipped: list[dict[str, str]]
+    variants: list[Variant], comp_rows: list[dict[str, Any]], skipped: list[dict[str, str]], steps: int = 4
 ) -> list[Variant]:
-    """Per OpenVINO section measured at both inference precisions in this run: one variant
+    """Per OpenVINO section measured at both inference precisions in this run, a candidate
     (``<section>@mixed``) that runs a component in bf16 where its bf16 output met the component's floor
     and ran faster than f32 (or f32 missed its floor), and in f32 everywhere else, components this run
     did not measure included. Every component of it then met its floor, so its end-to-end run is an
     exact-profile candidate (``TaskRun.profile``); ``settings["sources"]`` names, per component, the
-    variant whose measurement chose it (the report judges its parity by those rows)."""
+    variant whose measurement chose it (the report judges its parity by those rows). Only the candidate
+    whose chosen components cost least per task (``steps`` x UNet and ControlNet) is returned: each end-to-end
+    variant costs the task phase a group beside the reference."""
     from sdkiln.runtime.backends.openvino import format_precision
 
     names = {v.name: v for v in variants}
+    weight = {"unet": steps, "controlnet": steps}
     out = []
+    cost: dict[str, float] = {}
     for v in variants:
         if v.backend != "openvino" or v.settings.get("inference_precision", "f32") != "f32":
             continue
@@ -464,6 +469,10 @@ def compose_mixed(
             if b is not None and b["parity"]["ok"] is True and faster:
                 overrides[c] = "bf16"
                 sources[c] = bf.name
+            chosen = b if sources[c] == bf.name else f
+            cost[f"{v.name}@mixed"] = cost.get(f"{v.name}@mixed", 0.0) + chosen["median_s"] * weight.get(
+                c.split(".", 1)[0], 1
+            )
         if not overrides:
             skipped.append(
                 {
@@ -484,4 +493,16 @@ def compose_mixed(
                 "and faster in this run), f32 elsewhere",
             )
         )
-    return out
+    if len(out) <= 1:
+        return out
+    best = min(out, key=lambda v: cost[v.name])
+    for v in out:
+        if v is not best:
+            skipped.append(
+                {
+                    "variant": v.name,
+                    "reason": f"its components cost {cost[v.name]:.2f} s per task in this run, "
+                    f"{best.name}'s {cost[best.name]:.2f} s: only the cheapest composition runs end to end",
+                }
+            )
+    return [best]

@@ -330,7 +330,9 @@ def _bench_task(
             )
             for r in members
         }
-        got = interleave(calls, _task_config(config), failed, record("run"))
+        # The reference's pipeline stays loaded across groups: warmed once, in the first.
+        warm = {r.name for r in members if r.worker == ref_worker} if gi else set()
+        got = interleave(calls, _task_config(config), failed, record("run"), warm=warm)
         if ref_name in failed:
             return None
         samples.setdefault(ref_name, []).extend(got[ref_name])

@@ -257,7 +257,7 @@ def test_compose_mixed_picks_bf16_only_where_it_passed_and_paid() -> None:
         Variant("openvino/fp32", "openvino", "openvino/fp32", "fp32", {"inference_precision": "f32"}),
     ]
     skipped: list[dict[str, str]] = []
-    (mixed,) = compose_mixed(variants, comp_rows, skipped)
+    (mixed,) = compose_mixed(variants, comp_rows, skipped, steps=4)
     assert mixed.name == "openvino/int8@mixed" and mixed.section == "openvino/int8"
     assert mixed.settings["inference_precision"] == "f32,controlnet.scribble=bf16,vae_decoder=bf16"
     assert mixed.settings["sources"] == {
@@ -267,6 +267,29 @@ def test_compose_mixed_picks_bf16_only_where_it_passed_and_paid() -> None:
         "controlnet.scribble": "openvino/int8@bf16",
     }
     assert skipped == []  # openvino/fp32 has no @bf16 variant in this run: nothing to compose, nothing said
+
+    # Two sections compose: only the one whose chosen components cost least per task runs end to end.
+    fp32_rows = [
+        {
+            **r,
+            "results": [
+                *r["results"],
+                *(
+                    {**x, "variant": x["variant"].replace("int8", "fp32"), "median_s": 2 * x["median_s"]}
+                    for x in r["results"]
+                ),
+            ],
+        }
+        for r in comp_rows
+    ]
+    both = [
+        *variants,
+        Variant("openvino/fp32@bf16", "openvino", "openvino/fp32", "bf16", {"inference_precision": "bf16"}),
+    ]
+    (cheapest,) = compose_mixed(both, fp32_rows, skipped, steps=4)
+    assert cheapest.name == "openvino/int8@mixed"
+    assert skipped[-1]["variant"] == "openvino/fp32@mixed" and "only the cheapest" in skipped[-1]["reason"]
+    skipped.clear()
 
     # Nothing worth composing: said, not composed.
     assert compose_mixed(variants, [row("unet", (1.0, True), (1.3, True))], skipped) == []
