@@ -202,8 +202,9 @@ class OpenVinoBackend:
         threads: int = 0,
     ):
         ov = _ov()
-        check_precision(inference_precision)
         default, overrides = parse_precision(inference_precision)
+        if "bf16" in (default, *overrides.values()):
+            _check_bf16()
         kinds = {c.split(".", 1)[0] for c in components}
         unknown = sorted(k for k in overrides if k not in components and k not in kinds)
         if unknown:

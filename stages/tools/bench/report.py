@@ -157,7 +157,6 @@ def _bounds(report: dict[str, Any], r: dict[str, Any], row: dict[str, Any]) -> d
     how close each stage's component runs to the machine's measured peak for its precision."""
     st = r.get("stages_median_s", {})
     total = r["median_s"]
-    base = _worker_of(r, row)
     comp_rows = {x["component"]: x for x in report["components"]}
     stages = {}
     for key, label in _STAGES:
@@ -172,7 +171,7 @@ def _bounds(report: dict[str, Any], r: dict[str, Any], row: dict[str, Any]) -> d
                 (c for c in r.get("precisions") or {} if c.startswith("controlnet.")), "controlnet"
             ),
         }.get(key, key)
-        source = (r.get("component_sources") or {}).get(comp) or base
+        source = _source_of(r, row, comp)
         measured = next(
             (x for x in comp_rows.get(comp, {}).get("results", []) if x["variant"] == source), None
         )

@@ -406,7 +406,6 @@ def choose_fast_base(
                 f"--fast-base {config.fast_base!r} is not among the variants run: {', '.join(names)}"
             )
         return config.fast_base
-    weight = {"unet": config.steps, "controlnet": config.steps}
     candidates = {}
     for v in variants:
         if v.name == config.reference or _runtime_config(v) is None:
@@ -427,10 +426,16 @@ def choose_fast_base(
         )
         return None
     cost = {
-        n: sum(t * weight.get(c.split(".", 1)[0], 1) for c, t in comps.items() if c in common)
+        n: per_task_s({c: t for c, t in comps.items() if c in common}, config.steps)
         for n, comps in candidates.items()
     }
     return min(cost, key=cost.__getitem__)
+
+
+def per_task_s(medians: dict[str, float], steps: int) -> float:
+    """What one task costs by its components' medians: the UNet and ControlNets run ``steps`` times, the
+    rest once."""
+    return sum(t * (steps if c.split(".", 1)[0] in ("unet", "controlnet") else 1) for c, t in medians.items())
 
 
 def compose_mixed(
@@ -447,7 +452,6 @@ def compose_mixed(
     from sdkiln.runtime.backends.openvino import format_precision
 
     names = {v.name: v for v in variants}
-    weight = {"unet": steps, "controlnet": steps}
     out = []
     cost: dict[str, float] = {}
     for v in variants:
@@ -458,21 +462,23 @@ def compose_mixed(
             continue
         overrides: dict[str, str] = {}
         sources: dict[str, str] = {}
+        medians: dict[str, float] = {}
         for row in comp_rows:
             res = {r["variant"]: r for r in row["results"]}
             f, b = res.get(v.name), res.get(bf.name)
             if f is None:
                 continue
             c = row["component"]
-            sources[c] = v.name
-            faster = b is not None and (f["parity"]["ok"] is not True or b["median_s"] < f["median_s"])
-            if b is not None and b["parity"]["ok"] is True and faster:
-                overrides[c] = "bf16"
-                sources[c] = bf.name
-            chosen = b if sources[c] == bf.name else f
-            cost[f"{v.name}@mixed"] = cost.get(f"{v.name}@mixed", 0.0) + chosen["median_s"] * weight.get(
-                c.split(".", 1)[0], 1
+            bf16_pays = (
+                b is not None
+                and b["parity"]["ok"] is True
+                and (f["parity"]["ok"] is not True or b["median_s"] < f["median_s"])
             )
+            if bf16_pays:
+                overrides[c] = "bf16"
+            chosen = b if bf16_pays else f
+            sources[c], medians[c] = chosen["variant"], chosen["median_s"]
+        cost[f"{v.name}@mixed"] = per_task_s(medians, steps)
         if not overrides:
             skipped.append(
                 {
